@@ -28,6 +28,7 @@ from cdd_jax.parallel.sharding import (
     global_batch,
     logical_state_shardings,
     replicated,
+    sharding_context,
     unbox,
 )
 from cdd_jax.train.checkpoint import Checkpointer
@@ -177,7 +178,8 @@ def train(job: Job, config: ml_collections.ConfigDict, workdir: str) -> TrainSta
 
     # --- the step, compiled ahead of time ----------------------------------------------------
     inner = make_train_step(job.loss_fn, tx, labels, ema=job.ema, target_ema=job.target_ema,
-                            lr_schedules={k: v for k, v in schedules.items()})
+                            lr_schedules={k: v for k, v in schedules.items()
+                                          if k in set(jax.tree.leaves(labels))})
 
     def step_fn(state, batch, base_rng, teacher_params):
         rng = jax.random.fold_in(base_rng, state.step)
@@ -189,7 +191,8 @@ def train(job: Job, config: ml_collections.ConfigDict, workdir: str) -> TrainSta
     t0 = time.time()
     jitted = jax.jit(step_fn, in_shardings=(state_sh, b_sh, replicated(mesh), teacher_sh),
                      out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
-    compiled = jitted.lower(state, batch, step_rng, teacher).compile()
+    with sharding_context(mesh, config.mesh.logical_axis_rules):  # binds activation constraints
+        compiled = jitted.lower(state, batch, step_rng, teacher).compile()
     compile_s = time.time() - t0
     info = _log_compiled(compiled, writer, job.name)
     writer.write_scalars(start_step, {"compile_seconds": compile_s, **info})

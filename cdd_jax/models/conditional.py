@@ -34,6 +34,10 @@ def adapter_config() -> ml_collections.ConfigDict:
     c.cond_embed_ch = (16, 32)  # Widths of the condition embedder's hidden convs.
     c.cond_channels = 3  # Channels of the condition image (the upsampled low-res input).
     c.input_gate = True  # Also add a zero-init conv of the embedded condition to the main input.
+    # Zero-initialise the embedder's last conv (ControlNet does). False (default): the gates alone
+    # keep the network equal to the teacher at init, and every gate receives a condition-dependent
+    # gradient from step 1, so the control path opens faster.
+    c.cond_embed_zero_init = False
     return c
 
 
@@ -51,6 +55,7 @@ class CondEmbedder(nn.Module):
 
     out_ch: int
     hidden: tuple[int, ...] = (16, 32)
+    zero_init: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -58,7 +63,7 @@ class CondEmbedder(nn.Module):
         h = c.astype(self.dtype)
         for i, width in enumerate(self.hidden):
             h = nn.silu(Conv(width, dtype=self.dtype, name=f"conv_{i}")(h))
-        return Conv(self.out_ch, zero_init=True, dtype=self.dtype, name="conv_out")(h)
+        return Conv(self.out_ch, zero_init=self.zero_init, dtype=self.dtype, name="conv_out")(h)
 
 
 class ControlEncoder(nn.Module):
@@ -68,6 +73,7 @@ class ControlEncoder(nn.Module):
     gate: str = "conv1x1"
     cond_embed_ch: tuple[int, ...] = (16, 32)
     input_gate: bool = True
+    cond_embed_zero_init: bool = False
 
     def _gate(self, h, name):
         if self.gate == "scalar":
@@ -77,7 +83,8 @@ class ControlEncoder(nn.Module):
     @nn.compact
     def __call__(self, z_t, t, cond, train: bool):
         u = self.unet
-        c_emb = CondEmbedder(u.ch, self.cond_embed_ch, u.dtype, name="cond_embed")(cond)
+        c_emb = CondEmbedder(u.ch, self.cond_embed_ch, self.cond_embed_zero_init, u.dtype,
+                             name="cond_embed")(cond)
         emb = TimeEmbedding(u.ch, u.dtype, name="time_embed")(t)
         skips = Encoder(**u.encoder_kwargs(), name="encoder")(z_t.astype(u.dtype), emb, train, c_emb)
         mid = Middle(**u.middle_kwargs(), name="middle")(skips[-1], emb, train)
@@ -96,6 +103,7 @@ class ConditionalUNet(nn.Module):
     gate: str = "conv1x1"
     cond_embed_ch: tuple[int, ...] = (16, 32)
     input_gate: bool = True
+    cond_embed_zero_init: bool = False
 
     @classmethod
     def from_config(cls, model_cfg, adapter_cfg) -> ConditionalUNet:
@@ -106,6 +114,7 @@ class ConditionalUNet(nn.Module):
             gate=adapter_cfg.gate,
             cond_embed_ch=tuple(adapter_cfg.cond_embed_ch),
             input_gate=bool(adapter_cfg.input_gate),
+            cond_embed_zero_init=bool(adapter_cfg.cond_embed_zero_init),
         )
 
     @nn.compact
@@ -117,7 +126,7 @@ class ConditionalUNet(nn.Module):
             )
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (z_t.shape[0],))
         control = ControlEncoder(self.unet.clone(parent=None), self.gate, self.cond_embed_ch,
-                                 self.input_gate, name="control")
+                                 self.input_gate, self.cond_embed_zero_init, name="control")
         skip_res, mid_res, input_res = control(z_t, t, cond, train)
         return self.unet(z_t, t, train, skip_residuals=skip_res, middle_residual=mid_res,
                          input_residual=input_res)

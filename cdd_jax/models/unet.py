@@ -219,4 +219,5 @@ def init_params(model: nn.Module, rng: jax.Array, image_size: int, batch: int = 
     """Boxed (logically-partitioned) parameters for `model` at the given image size."""
     z = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
     t = jnp.zeros((batch,), jnp.float32)
-    return model.init({"params": rng}, z, t, train=False, **kw)["params"]
+    init = jax.jit(lambda r: model.init({"params": r}, z, t, train=False, **kw)["params"])
+    return init(rng)

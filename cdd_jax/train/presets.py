@@ -166,6 +166,31 @@ def sr_config(variant: str = "default") -> ml_collections.ConfigDict:
     return c
 
 
+def table1_config(variant: str = "default") -> ml_collections.ConfigDict:
+    """The paper's Table 1 at small scale: every baseline and CoDi, one teacher, one budget.
+
+    The default fits in about 2 hours on 2 CPU cores (see `cdd_jax.train.table1`); "tiny" runs
+    the whole table in a test.
+    """
+    from cdd_jax.train.table1 import table1_section
+
+    c = sr_config(variant)
+    c.stage = "table1"
+    c.table1 = table1_section()
+    if variant == "default":
+        c.train.num_steps = 600  # Per trained row (GD: split over its rounds); see table1.py.
+        c.train.eval_every = 200
+        c.train.ckpt_every = 100
+    elif variant == "tiny":
+        c.train.num_steps = 4
+        c.train.eval_every = 0
+        c.train.ckpt_every = 2
+        c.table1.finetune_ddim_steps = (8, 4)
+        c.table1.codi_steps = (1, 4)
+        c.table1.plot_metrics = ("psnr", "ssim")
+    return c
+
+
 # ----------------------------------------------------------------------------------------------
 # Validation: unknown keys are errors (with close matches), checked before any compilation.
 # ----------------------------------------------------------------------------------------------
@@ -176,7 +201,9 @@ def reference_config(stage: str) -> ml_collections.ConfigDict:
         return pretrain_config("default")
     if stage == "sr":
         return sr_config("default")
-    raise ValueError(f"config.stage must be 'pretrain' or 'sr', got {stage!r}")
+    if stage == "table1":
+        return table1_config("default")
+    raise ValueError(f"config.stage must be 'pretrain', 'sr' or 'table1', got {stage!r}")
 
 
 def check_unknown_keys(cfg, ref, prefix: str = "") -> None:

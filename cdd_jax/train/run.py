@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -55,7 +56,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.data.crop_size % depth:
         raise ValueError(f"data.crop_size {config.data.crop_size} must be divisible by {depth} "
                          f"for model.ch_mult={tuple(config.model.ch_mult)}")
-    if config.stage == "sr":
+    if config.stage == "table1":
+        from cdd_jax.train.table1 import validate_table1_config
+
+        validate_table1_config(config)
+    if config.stage in ("sr", "table1"):
         from cdd_jax.data.degradations import validate_degradation_config
 
         validate_degradation_config(config.degradation, config.data.crop_size)
@@ -122,8 +127,8 @@ def heldout_denoising_loss(apply_fn, schedule, images: np.ndarray, seed: int = 0
     return loss
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str) -> tuple[PyTree, dict]:
-    """Trains the unconditional teacher; returns (EMA params, metadata) and exports them."""
+def pretrain_job(config: ml_collections.ConfigDict) -> tuple[Job, Callable]:
+    """The unconditional pretraining Job and a jitted held-out loss fn(params) -> v-MSE."""
     from cdd_jax.data.pipeline import build_train_dataset, make_eval_set
 
     model = UNet.from_config(config.model)
@@ -160,6 +165,13 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> tuple[PyTree, d
         make_dataset=lambda pi, pc: build_train_dataset(config.data, task="pretrain",
                                                         process_index=pi, process_count=pc),
     )
+    return job, heldout
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str) -> tuple[PyTree, dict]:
+    """Trains the unconditional teacher; returns (EMA params, metadata) and exports them."""
+    job, heldout = pretrain_job(config)
+    size = config.data.crop_size
     state = train(job, config, workdir)
     params = jax.device_get(state.ema_params)
     meta = {
@@ -215,9 +227,15 @@ def _cond_apply(model: ConditionalUNet):
     return apply_fn
 
 
-def distill(config: ml_collections.ConfigDict, workdir: str, teacher_params: PyTree,
-            eval_set: dict, *, finetuned_params: PyTree = None):
-    """Stage 2: trains the conditional network with `config.distill.objective`."""
+def distill_job(config: ml_collections.ConfigDict, teacher_params: PyTree, eval_set: dict, *,
+                finetuned_params: PyTree = None, initial_params: PyTree = None
+                ) -> tuple[Job, Callable, object]:
+    """The distillation Job (objective `config.distill.objective`), its apply_fn and schedule.
+
+    The student starts from `initial_params` (conditional params, e.g. the fine-tuned model for
+    CM / GD) if given, else from the conditional network built from the teacher (zero gates);
+    `teacher_params` may then be None.
+    """
     from cdd_jax.data.degradations import SRPairTransform
     from cdd_jax.data.pipeline import build_train_dataset
 
@@ -233,8 +251,12 @@ def distill(config: ml_collections.ConfigDict, workdir: str, teacher_params: PyT
         return variables["params"]
 
     fresh = unbox(jax.jit(init_fn)(jax.random.key(config.seed)))
-    check_same_structure(teacher_params, fresh["unet"], "teacher checkpoint", "config.model")
-    initial = init_from_teacher(fresh, teacher_params)
+    if initial_params is not None:
+        check_same_structure(initial_params, fresh, "initial_params", "config.model/adapter")
+        initial = initial_params
+    else:
+        check_same_structure(teacher_params, fresh["unet"], "teacher checkpoint", "config.model")
+        initial = init_from_teacher(fresh, teacher_params)
     if needs_teacher(dcfg.objective) and finetuned_params is None:
         raise ValueError(f"objective {dcfg.objective!r} needs a fine-tuned conditional teacher")
 
@@ -268,6 +290,15 @@ def distill(config: ml_collections.ConfigDict, workdir: str, teacher_params: PyT
         make_dataset=lambda pi, pc: build_train_dataset(config.data, task="sr", sr_transform=sr,
                                                         process_index=pi, process_count=pc),
     )
+    return job, apply_fn, schedule
+
+
+def distill(config: ml_collections.ConfigDict, workdir: str, teacher_params: PyTree,
+            eval_set: dict, *, finetuned_params: PyTree = None, initial_params: PyTree = None):
+    """Stage 2: trains the conditional network; returns (EMA params, apply_fn, schedule)."""
+    job, apply_fn, schedule = distill_job(config, teacher_params, eval_set,
+                                          finetuned_params=finetuned_params,
+                                          initial_params=initial_params)
     state = train(job, config, workdir)
     return jax.device_get(state.ema_params), apply_fn, schedule
 
@@ -332,6 +363,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         return pretrain(config, workdir)
     if config.stage == "sr":
         return run_sr(config, workdir)
+    if config.stage == "table1":
+        from cdd_jax.train.table1 import run_table1
+
+        return run_table1(config, workdir)
     raise ValueError(f"unknown config.stage {config.stage!r}")
 
 

@@ -1,0 +1,512 @@
+"""Shared pieces of the benchmarks: the machine, timing, A/B-interleaved worker processes, the
+measured matmul roofline, and the train step built the way `cdd_jax.train.loop.train` builds it.
+
+Why worker processes: XLA flags are read once per process, and PyTorch and XLA each keep their own
+thread pool. Every contender (cdd_jax with or without a flag, the PyTorch peer, the roofline) runs
+in its own process, compiles and warms up there, then waits; the parent asks each in turn for a
+few timed steps (round robin, A/B/A/B...), so a load that comes and goes on a shared machine falls
+on all contenders alike. Only one worker computes at any moment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
+XNN_GREEDY = "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"
+
+# ----------------------------------------------------------------------------------------------
+# The machine and its load.
+# ----------------------------------------------------------------------------------------------
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages (the `uptime` figures)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        return f"load average: {load_average()}"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """What ran the benchmark: CPU, cores, memory, library versions, flags, load right now."""
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "grain", "numpy", "torch", "diffusers"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = float("nan")
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_gib, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "xla_flags_env": os.environ.get("XLA_FLAGS", ""),
+        "uptime": uptime(),
+        "load_average": load_average(),
+        "nice": os.nice(0),
+        "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
+
+
+def summarize(times: Sequence[float]) -> dict[str, float]:
+    """Median and spread of a list of seconds."""
+    xs = sorted(float(t) for t in times)
+    if not xs:
+        return {"n": 0}
+
+    def q(p):
+        return xs[min(len(xs) - 1, max(0, round(p * (len(xs) - 1))))]
+
+    return {"n": len(xs), "median_s": statistics.median(xs), "p10_s": q(0.1), "p90_s": q(0.9),
+            "min_s": xs[0], "mean_s": statistics.fmean(xs)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker processes, driven round robin from the parent.
+# ----------------------------------------------------------------------------------------------
+
+
+class Bench:
+    """What runs inside a worker: set up once (compile, warm up), then `run(n)` on request.
+
+    `run(n)` returns {label: [seconds, ...]}: a worker may time several things per request.
+    """
+
+    info: dict[str, Any] = {}
+
+    def run(self, n: int) -> dict[str, list[float]]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _serve(conn, factory: Callable[..., Bench], args: tuple, kwargs: dict) -> None:
+    try:
+        bench = factory(*args, **kwargs)
+        conn.send(("ok", bench.info))
+    except BaseException:  # noqa: BLE001 - report any setup failure to the parent
+        conn.send(("error", traceback.format_exc()))
+        return
+    while True:
+        cmd, arg = conn.recv()
+        if cmd == "stop":
+            return
+        try:
+            if cmd == "run":
+                conn.send(("ok", bench.run(int(arg))))
+            elif cmd == "call":  # a named method with keyword arguments
+                name, kw = arg
+                conn.send(("ok", getattr(bench, name)(**kw)))
+            else:
+                conn.send(("error", f"unknown command {cmd!r}"))
+        except BaseException:  # noqa: BLE001
+            conn.send(("error", traceback.format_exc()))
+
+
+@contextlib.contextmanager
+def _env(overrides: dict[str, str | None]):
+    old = {k: os.environ.get(k) for k in overrides}
+    try:
+        for k, v in overrides.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class Worker:
+    """A `Bench` in its own (spawned) process with its own environment, e.g. XLA_FLAGS."""
+
+    def __init__(self, name: str, factory: Callable[..., Bench], *args,
+                 env: dict[str, str | None] | None = None, **kwargs):
+        self.name = name
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        with _env(env or {}):
+            self._proc = ctx.Process(target=_serve, args=(child, factory, args, kwargs),
+                                     daemon=True)
+            self._proc.start()
+        t0 = time.perf_counter()
+        self.info = self._recv()
+        self.info.setdefault("setup_s", time.perf_counter() - t0)
+
+    def _recv(self):
+        status, payload = self._conn.recv()
+        if status != "ok":
+            self.close()
+            raise RuntimeError(f"benchmark worker {self.name!r} failed:\n{payload}")
+        return payload
+
+    def run(self, n: int) -> dict[str, list[float]]:
+        self._conn.send(("run", n))
+        return self._recv()
+
+    def call(self, method: str, **kw):
+        self._conn.send(("call", (method, kw)))
+        return self._recv()
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            with contextlib.suppress(OSError, BrokenPipeError):
+                self._conn.send(("stop", None))
+            self._proc.join(timeout=30)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join()
+
+
+def interleave(workers: Sequence[Worker], rounds: int, per_round: int = 1,
+               log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Round-robin timing: each round asks every worker (rotating the order) for `per_round`
+    timed repetitions. Returns {worker: {label: [seconds]}} plus the load average per round."""
+    out: dict[str, dict[str, list[float]]] = {w.name: {} for w in workers}
+    loads = []
+    for r in range(rounds):
+        order = list(workers[r % len(workers):]) + list(workers[: r % len(workers)])
+        for w in order:
+            for label, times in w.run(per_round).items():
+                out[w.name].setdefault(label, []).extend(times)
+        loads.append(load_average())
+        if log:
+            meds = {f"{w.name}/{lab}": round(statistics.median(ts), 4)
+                    for w in workers for lab, ts in out[w.name].items()}
+            log(f"  round {r + 1}/{rounds}: load {loads[-1]} medians {meds}")
+    return {"times": out, "load_per_round": loads}
+
+
+# ----------------------------------------------------------------------------------------------
+# The matmul roofline, measured.
+# ----------------------------------------------------------------------------------------------
+
+
+class MatmulRoofline(Bench):
+    """f32 square matmuls in JAX (XLA's CPU dot): what this machine's cores deliver."""
+
+    def __init__(self, sizes: Sequence[int] = (2048, 4096)):
+        import jax
+        import jax.numpy as jnp
+
+        self.fns = {}
+        for n in sizes:
+            a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+            b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+            f = jax.jit(jnp.matmul)
+            f(a, b).block_until_ready()
+            self.fns[n] = (f, a, b)
+        self.info = {"sizes": list(sizes), "flops": {str(n): 2.0 * n**3 for n in sizes}}
+
+    def run(self, n: int) -> dict[str, list[float]]:
+        out = {}
+        for size, (f, a, b) in self.fns.items():
+            ts = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                f(a, b).block_until_ready()
+                ts.append(time.perf_counter() - t0)
+            out[f"matmul_{size}"] = ts
+        return out
+
+
+def roofline_gflops(result: dict[str, list[float]], sizes: Sequence[int] = (2048, 4096)
+                    ) -> dict[str, float]:
+    """GFLOP/s of each measured size (median) and the best of them (the roofline used)."""
+    g = {str(n): 2.0 * n**3 / statistics.median(result[f"matmul_{n}"]) / 1e9 for n in sizes
+         if f"matmul_{n}" in result}
+    g["best"] = max(g.values())
+    return g
+
+
+# ----------------------------------------------------------------------------------------------
+# Jobs and the train step, the way cdd_jax.train.run / loop build them.
+# ----------------------------------------------------------------------------------------------
+
+
+def model_variant(config, variant: str):
+    """Applies a model-size variant to a preset config in place: "default" (the preset) or
+    "large" (ch 64, 2 res blocks, attention at 16 px, 32 groups, batch 16; ~6.5M params)."""
+    if variant == "default":
+        return config
+    if variant != "large":
+        raise ValueError(f"unknown model variant {variant!r}; use 'default' or 'large'")
+    config.model.ch = 64
+    config.model.ch_mult = (1, 2, 2)
+    config.model.num_res_blocks = 2
+    config.model.attn_resolutions = (16,)
+    config.model.num_groups = 32
+    config.data.batch_size = 16
+    return config
+
+
+def make_config(kind: str, variant: str = "default", **model_overrides):
+    """The preset config of a `kind` ("pretrain" or "codi") and model variant."""
+    from cdd_jax.train import presets
+
+    if kind not in ("pretrain", "codi"):
+        raise ValueError(f"kind must be 'pretrain' or 'codi', got {kind!r}")
+    config = presets.pretrain_config("default") if kind == "pretrain" else presets.sr_config(
+        "default")
+    model_variant(config, variant)
+    for k, v in model_overrides.items():
+        config.model[k] = v
+    return config
+
+
+def pretrain_job(config):
+    """The stage-1 Job of `cdd_jax.train.run.pretrain` (model, apply_fn, loss), without eval."""
+    from cdd_jax.diffusion import get_schedule
+    from cdd_jax.distill.diffusion_loss import diffusion_loss
+    from cdd_jax.models.unet import UNet, init_params
+    from cdd_jax.train.loop import Job
+    from cdd_jax.train.run import _unet_apply
+
+    model = UNet.from_config(config.model)
+    apply_fn = _unet_apply(model)
+    schedule = get_schedule(config.diffusion.schedule)
+
+    def loss_fn(params, target, teacher, batch, rng):
+        return diffusion_loss(apply_fn, params, batch, rng, schedule=schedule,
+                              weighting=config.diffusion.weighting,
+                              snr_gamma=config.diffusion.snr_gamma)
+
+    return Job(name="pretrain", init_params=lambda rng: init_params(model, rng,
+                                                                    config.data.crop_size),
+               loss_fn=loss_fn, mode="pretrain", ema=config.ema)
+
+
+def codi_job(config):
+    """The stage-2 Job of `cdd_jax.train.run.distill` (CoDi: online + target forward, one
+    backward; eval EMA and target EMA), with the random init standing in for the teacher."""
+    import jax.numpy as jnp
+
+    from cdd_jax.diffusion import get_schedule
+    from cdd_jax.distill.objectives import compute_loss, needs_target
+    from cdd_jax.models.conditional import ConditionalUNet
+    from cdd_jax.train.loop import Job
+    from cdd_jax.train.run import _cond_apply
+
+    dcfg = config.distill
+    model = ConditionalUNet.from_config(config.model, config.adapter)
+    apply_fn = _cond_apply(model)
+    schedule = get_schedule(config.diffusion.schedule)
+    cond0 = jnp.zeros((1, config.data.crop_size, config.data.crop_size, 3))
+
+    def init_fn(rng):
+        return model.init({"params": rng}, cond0, jnp.zeros((1,)), cond0)["params"]
+
+    def loss_fn(params, target, teacher, batch, rng):
+        return compute_loss(apply_fn, params, batch, rng, schedule=schedule, cfg=dcfg,
+                            target_params=target, teacher_params=teacher)
+
+    return Job(name=dcfg.objective, init_params=init_fn, loss_fn=loss_fn,
+               mode="pe_codi" if dcfg.objective == "pe_codi" else "codi", ema=dcfg.eval_ema,
+               target_ema=dcfg.target_ema if needs_target(dcfg.objective) else None)
+
+
+def real_batch(config, kind: str) -> dict:
+    """Batch 0 of the real training pipeline (bundled photos; SR pairs for "codi")."""
+    from cdd_jax.data.pipeline import build_train_dataset
+
+    if kind == "pretrain":
+        ds = build_train_dataset(config.data, task="pretrain")
+    else:
+        from cdd_jax.data.degradations import SRPairTransform
+
+        ds = build_train_dataset(config.data, task="sr",
+                                 sr_transform=SRPairTransform(config.degradation,
+                                                              config.data.crop_size))
+    return ds[0]
+
+
+def flops_of(compiled) -> float:
+    """FLOPs of one call of a compiled function, from XLA's cost analysis (nan if absent)."""
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", float("nan")))
+    except Exception:  # noqa: BLE001 - not every backend reports costs
+        return float("nan")
+
+
+@dataclasses.dataclass
+class BuiltStep:
+    """The compiled train step with its live inputs; `state` is donated and replaced per step."""
+
+    jitted: Any
+    compiled: Any
+    state: Any
+    batch: Any
+    rng: Any
+    teacher: Any
+    trace_s: float
+    compile_s: float
+    flops: float
+    warnings: list[str]
+    num_params: int
+
+    def step(self):
+        self.state, metrics = self.compiled(self.state, self.batch, self.rng, self.teacher)
+        return metrics
+
+    def timed_steps(self, n: int) -> list[float]:
+        import jax
+
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            metrics = self.step()
+            jax.block_until_ready((self.state, metrics))
+            out.append(time.perf_counter() - t0)
+        return out
+
+
+def build_train_step(job, config, batch_np: dict, *, donate: bool = True) -> BuiltStep:
+    """Mesh, optimiser, state shardings, the step jitted with in/out shardings and donation and
+    compiled ahead of time: the same sequence as `cdd_jax.train.loop.train` (minus checkpoints,
+    data iterator and logging). Records trace and compile seconds, FLOPs and any warnings."""
+    import jax
+
+    from cdd_jax.parallel.mesh import make_mesh
+    from cdd_jax.parallel.sharding import (
+        batch_sharding,
+        global_batch,
+        logical_state_shardings,
+        replicated,
+        sharding_context,
+        unbox,
+    )
+    from cdd_jax.train.state import count_params, create_state, make_optimizer, param_labels
+    from cdd_jax.train.step import make_train_step
+
+    mesh = make_mesh(config.mesh)
+    abstract_params = unbox(jax.eval_shape(job.init_params, jax.random.key(0)))
+    labels = param_labels(abstract_params, job.mode)
+    tx, schedules = make_optimizer(config.optim, config.train.num_steps, labels)
+    with_target = job.target_ema is not None
+
+    def init_state(rng):
+        return create_state(job.init_params(rng), tx, with_target=with_target, labels=labels)
+
+    boxed = jax.eval_shape(init_state, jax.random.key(0))
+    state_sh = logical_state_shardings(boxed, mesh, config.mesh.logical_axis_rules,
+                                       config.mesh.min_shard_bytes)
+    init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
+    state = jax.jit(lambda r: unbox(init_state(r)), out_shardings=state_sh)(init_rng)
+    inner = make_train_step(job.loss_fn, tx, labels, ema=job.ema, target_ema=job.target_ema,
+                            lr_schedules={k: v for k, v in schedules.items()
+                                          if k in set(jax.tree.leaves(labels))})
+
+    def step_fn(state, batch, base_rng, teacher_params):
+        rng = jax.random.fold_in(base_rng, state.step)
+        return inner(state, batch, rng, teacher_params)
+
+    batch = global_batch(batch_np, mesh)
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sharding(mesh), replicated(mesh), None),
+                     out_shardings=(state_sh, replicated(mesh)),
+                     donate_argnums=(0,) if donate else ())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with sharding_context(mesh, config.mesh.logical_axis_rules):
+            t0 = time.perf_counter()
+            lowered = jitted.lower(state, batch, step_rng, None)
+            t1 = time.perf_counter()
+            compiled = lowered.compile()
+            t2 = time.perf_counter()
+        built = BuiltStep(jitted, compiled, state, batch, step_rng, None, t1 - t0, t2 - t1,
+                          flops_of(compiled), [], count_params(state.params))
+        jax.block_until_ready(built.step())  # the first call (and any donation warning)
+    built.warnings = [str(w.message) for w in caught]
+    return built
+
+
+class TrainStepBench(Bench):
+    """A worker's cdd_jax train step: kind "pretrain" | "codi", variant "default" | "large"."""
+
+    def __init__(self, kind: str, variant: str = "default", warmup: int = 3,
+                 **model_overrides):
+        import jax
+
+        config = make_config(kind, variant, **model_overrides)
+        job = pretrain_job(config) if kind == "pretrain" else codi_job(config)
+        self.built = build_train_step(job, config, real_batch(config, kind))
+        warm = self.built.timed_steps(warmup)
+        b = self.built
+        self.info = {
+            "kind": kind, "variant": variant, "model": config.model.to_dict(),
+            "batch_size": config.data.batch_size, "crop_size": config.data.crop_size,
+            "num_params": b.num_params, "trace_s": b.trace_s, "compile_s": b.compile_s,
+            "flops_per_step": b.flops, "warnings": b.warnings, "warmup_s": warm,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "devices": str(jax.devices()),
+        }
+
+    def run(self, n: int) -> dict[str, list[float]]:
+        return {"step": self.built.timed_steps(n)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Output.
+# ----------------------------------------------------------------------------------------------
+
+
+def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+        return str(x)
+
+    align = ["---" if i == 0 else "---:" for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, payload: dict, markdown: str, out_dir: str = RESULTS_DIR) -> None:
+    """benchmarks/results/<name>.json and <name>.md."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(markdown.rstrip() + "\n")
+    print(f"wrote {out_dir}/{name}.json and {name}.md", file=sys.stderr)

@@ -1,0 +1,147 @@
+"""U-Net and conditional adapter: shapes, logical axis names, zero-init equivalence, errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cdd_jax.models.conditional import (
+    ConditionalUNet,
+    adapter_config,
+    init_from_teacher,
+)
+from cdd_jax.models.unet import UNet, init_params, model_config
+
+KNOWN_AXES = {"conv_h", "conv_w", "channels_in", "channels_out", "norm"}
+
+
+def tiny_model_cfg():
+    cfg = model_config()
+    cfg.ch = 8
+    cfg.ch_mult = (1, 2)
+    cfg.attn_resolutions = (8,)
+    cfg.num_groups = 4
+    cfg.head_dim = 8
+    return cfg
+
+
+def _perturb(tree, seed):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten(
+        [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    )
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    cfg = tiny_model_cfg()
+    model = UNet.from_config(cfg)
+    boxed = init_params(model, jax.random.key(0), 16)
+    # Zero-initialised output layers make a fresh U-Net output exactly 0; perturb every weight so
+    # the equivalence test compares non-trivial functions.
+    return cfg, model, boxed, _perturb(nn.meta.unbox(boxed), 1)
+
+
+def test_unet_shapes_and_time_dependence(teacher):
+    _, model, _, params = teacher
+    z = jax.random.normal(jax.random.key(2), (3, 16, 16, 3))
+    out1 = model.apply({"params": params}, z, jnp.full((3,), 0.2))
+    out2 = model.apply({"params": params}, z, jnp.full((3,), 0.8))
+    assert out1.shape == z.shape and out1.dtype == jnp.float32
+    assert float(jnp.abs(out1 - out2).max()) > 1e-4  # the time embedding is used
+    # a scalar t broadcasts to the batch
+    out3 = model.apply({"params": params}, z, jnp.float32(0.2))
+    np.testing.assert_allclose(out1, out3, rtol=1e-6, atol=1e-6)
+
+
+def test_every_parameter_has_logical_axis_names(teacher):
+    _, _, boxed, _ = teacher
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert leaves
+    for leaf in leaves:
+        assert isinstance(leaf, nn.Partitioned), type(leaf)
+        assert len(leaf.names) == leaf.value.ndim
+        assert set(leaf.names) <= KNOWN_AXES, leaf.names
+    kernels = [x for x in leaves if x.value.ndim == 4]
+    assert all(x.names == ("conv_h", "conv_w", "channels_in", "channels_out") for x in kernels)
+
+
+def test_encoder_middle_decoder_are_separable_parts(teacher):
+    _, _, _, params = teacher
+    assert {"time_embed", "encoder", "middle", "decoder", "out_norm", "out_conv"} == set(params)
+
+
+def test_input_size_must_fit_the_depth(teacher):
+    _, model, _, params = teacher
+    with pytest.raises(ValueError, match="divisible by 2"):
+        model.apply({"params": params}, jnp.zeros((1, 15, 15, 3)), jnp.zeros((1,)))
+
+
+def test_remat_is_numerically_identical(teacher):
+    cfg, _, _, params = teacher
+    cfg = cfg.copy_and_resolve_references()
+    cfg.remat = True
+    remat_model = UNet.from_config(cfg)
+    plain_model = UNet.from_config(tiny_model_cfg())
+    z = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+    t = jnp.array([0.3, 0.6])
+
+    def loss(p, m):
+        return jnp.sum(m.apply({"params": p}, z, t) ** 2)
+
+    g1 = jax.grad(loss)(params, plain_model)
+    g2 = jax.grad(loss)(params, remat_model)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("gate", ["conv1x1", "scalar"])
+@pytest.mark.parametrize("input_gate", [True, False])
+def test_zero_initialised_conditional_network_equals_teacher(teacher, gate, input_gate):
+    cfg, model, _, t_params = teacher
+    acfg = adapter_config()
+    acfg.gate = gate
+    acfg.input_gate = input_gate
+    acfg.cond_embed_ch = (8,)
+    cmodel = ConditionalUNet.from_config(cfg, acfg)
+    z = jax.random.normal(jax.random.key(4), (2, 16, 16, 3))
+    c = jax.random.normal(jax.random.key(5), (2, 16, 16, 3))
+    t = jnp.array([0.1, 0.9])
+    fresh = nn.meta.unbox(cmodel.init(jax.random.key(6), z, t, c)["params"])
+    cparams = init_from_teacher(fresh, t_params)
+    # The duplicated encoder really is a copy of the teacher's encoder.
+    for part in ("time_embed", "encoder", "middle"):
+        for a, b in zip(jax.tree.leaves(cparams["control"][part]), jax.tree.leaves(t_params[part])):
+            np.testing.assert_array_equal(a, b)
+    want = model.apply({"params": t_params}, z, t)
+    got = cmodel.apply({"params": cparams}, z, t, c)
+    assert float(jnp.abs(want).max()) > 1e-3
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    # ... and the condition matters as soon as the gates open (the test can fail).
+    opened = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.1 if "gate" in jax.tree_util.keystr(p) else x, cparams
+    )
+    got2 = cmodel.apply({"params": opened}, z, t, c)
+    got3 = cmodel.apply({"params": opened}, z, t, -c)
+    assert float(jnp.abs(got2 - got3).max()) > 1e-4
+
+
+def test_teacher_architecture_mismatch_is_named(teacher):
+    cfg, _, _, t_params = teacher
+    other = tiny_model_cfg()
+    other.ch = 16
+    cmodel = ConditionalUNet.from_config(other, adapter_config())
+    z = jnp.zeros((1, 16, 16, 3))
+    fresh = nn.meta.unbox(cmodel.init(jax.random.key(0), z, jnp.zeros((1,)), z)["params"])
+    with pytest.raises(ValueError, match="architecture mismatch"):
+        init_from_teacher(fresh, t_params)
+
+
+def test_condition_shape_mismatch_is_a_clear_error(teacher):
+    cfg, _, _, _ = teacher
+    cmodel = ConditionalUNet.from_config(cfg, adapter_config())
+    z = jnp.zeros((2, 16, 16, 3))
+    with pytest.raises(ValueError, match="condition must be an NHWC image"):
+        cmodel.init(jax.random.key(0), z, jnp.zeros((2,)), jnp.zeros((2, 4, 4, 3)))

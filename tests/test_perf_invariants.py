@@ -1,0 +1,131 @@
+"""Performance invariants that a test can check without timing anything.
+
+- The train step compiles once: the jitted step's cache holds one entry after several steps fed
+  with the state it returns (no retrace from weak types, dtypes or shardings drifting between the
+  initial state and the step's output), and the training loop compiles `step_fn` exactly once.
+- Donation works: donating the state produces no "donated buffers were not usable" warning, and
+  the donated input buffers are really consumed (deleted) by the call.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.monitoring
+import numpy as np
+import pytest
+
+from cdd_jax.data.pipeline import build_train_dataset
+from cdd_jax.diffusion import get_schedule
+from cdd_jax.distill.diffusion_loss import diffusion_loss
+from cdd_jax.models.unet import UNet, init_params
+from cdd_jax.parallel.mesh import make_mesh
+from cdd_jax.parallel.sharding import (
+    batch_sharding,
+    global_batch,
+    logical_state_shardings,
+    replicated,
+    sharding_context,
+    unbox,
+)
+from cdd_jax.train import presets
+from cdd_jax.train.loop import Job, train
+from cdd_jax.train.run import _unet_apply
+from cdd_jax.train.state import create_state, make_optimizer, param_labels
+from cdd_jax.train.step import make_train_step
+
+
+def _tiny_job(config) -> Job:
+    model = UNet.from_config(config.model)
+    apply_fn = _unet_apply(model)
+    schedule = get_schedule(config.diffusion.schedule)
+
+    def loss_fn(params, target, teacher, batch, rng):
+        return diffusion_loss(apply_fn, params, batch, rng, schedule=schedule)
+
+    return Job(
+        name="pretrain",
+        init_params=lambda rng: init_params(model, rng, config.data.crop_size),
+        loss_fn=loss_fn,
+        mode="pretrain",
+        ema=config.ema,
+        make_dataset=lambda pi, pc: build_train_dataset(config.data, task="pretrain",
+                                                        process_index=pi, process_count=pc),
+    )
+
+
+def _jitted_step(config, job):
+    """The step as `loop.train` jits it (in/out shardings, donated state), plus its inputs."""
+    mesh = make_mesh(config.mesh)
+    labels = param_labels(unbox(jax.eval_shape(job.init_params, jax.random.key(0))), job.mode)
+    tx, _ = make_optimizer(config.optim, config.train.num_steps, labels)
+
+    def init_state(rng):
+        return create_state(job.init_params(rng), tx, with_target=False, labels=labels)
+
+    state_sh = logical_state_shardings(jax.eval_shape(init_state, jax.random.key(0)), mesh,
+                                       config.mesh.logical_axis_rules,
+                                       config.mesh.min_shard_bytes)
+    state = jax.jit(lambda r: unbox(init_state(r)), out_shardings=state_sh)(jax.random.key(0))
+    inner = make_train_step(job.loss_fn, tx, labels, ema=job.ema)
+
+    def step_fn(state, batch, base_rng, teacher_params):
+        return inner(state, batch, jax.random.fold_in(base_rng, state.step), teacher_params)
+
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sharding(mesh), replicated(mesh), None),
+                     out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
+    ds = build_train_dataset(config.data, task="pretrain")
+    batches = [global_batch(ds[i], mesh) for i in range(3)]
+    return jitted, state, batches, mesh
+
+
+def test_step_jit_cache_stays_at_one_entry_and_donation_is_used():
+    config = presets.pretrain_config("tiny")
+    job = _tiny_job(config)
+    jitted, state, batches, mesh = _jitted_step(config, job)
+    rng = jax.random.key(1)
+    with warnings.catch_warnings(record=True) as caught, \
+            sharding_context(mesh, config.mesh.logical_axis_rules):
+        warnings.simplefilter("always")
+        for i in range(5):
+            old_leaf = jax.tree.leaves(state.params)[0]
+            state, metrics = jitted(state, batches[i % len(batches)], rng, None)
+            jax.block_until_ready(state)
+            # The donated input was consumed: its buffer is gone, the output lives on.
+            assert old_leaf.is_deleted(), f"step {i}: the donated state was not consumed"
+            assert jitted._cache_size() == 1, (
+                f"step {i}: the step was traced {jitted._cache_size()} times (retrace: the "
+                "state returned by the step differs in type/sharding from its input)"
+            )
+    assert int(state.step) == 5
+    assert np.isfinite(float(metrics["loss"]))
+    donation = [str(w.message) for w in caught if "donat" in str(w.message).lower()]
+    assert not donation, f"donation warnings: {donation}"
+
+
+@pytest.fixture
+def compile_events():
+    """backend compilations of the step function, counted through jax.monitoring."""
+    events: list[str] = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(kw.get("fun_name", ""))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_training_loop_compiles_the_step_once(tmp_path, compile_events):
+    config = presets.pretrain_config("tiny")
+    config.train.num_steps = 5
+    config.train.log_every = 1
+    config.train.eval_every = 0
+    config.train.ckpt_every = 100
+    job = _tiny_job(config)
+    state = train(job, config, str(tmp_path))
+    assert int(state.step) == 5
+    step_compiles = [name for name in compile_events if "step_fn" in name]
+    assert step_compiles == ["jit(step_fn)"], compile_events

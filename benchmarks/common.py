@@ -41,7 +41,9 @@ def load_average() -> list[float]:
 
 def uptime() -> str:
     try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+        return subprocess.run(
+            ["uptime"], capture_output=True, text=True, check=False
+        ).stdout.strip()
     except OSError:
         return f"load average: {load_average()}"
 
@@ -95,8 +97,14 @@ def summarize(times: Sequence[float]) -> dict[str, float]:
     def q(p):
         return xs[min(len(xs) - 1, max(0, round(p * (len(xs) - 1))))]
 
-    return {"n": len(xs), "median_s": statistics.median(xs), "p10_s": q(0.1), "p90_s": q(0.9),
-            "min_s": xs[0], "mean_s": statistics.fmean(xs)}
+    return {
+        "n": len(xs),
+        "median_s": statistics.median(xs),
+        "p10_s": q(0.1),
+        "p90_s": q(0.9),
+        "min_s": xs[0],
+        "mean_s": statistics.fmean(xs),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,14 +168,21 @@ def _env(overrides: dict[str, str | None]):
 class Worker:
     """A `Bench` in its own (spawned) process with its own environment, e.g. XLA_FLAGS."""
 
-    def __init__(self, name: str, factory: Callable[..., Bench], *args,
-                 env: dict[str, str | None] | None = None, **kwargs):
+    def __init__(
+        self,
+        name: str,
+        factory: Callable[..., Bench],
+        *args,
+        env: dict[str, str | None] | None = None,
+        **kwargs,
+    ):
         self.name = name
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
         with _env(env or {}):
-            self._proc = ctx.Process(target=_serve, args=(child, factory, args, kwargs),
-                                     daemon=True)
+            self._proc = ctx.Process(
+                target=_serve, args=(child, factory, args, kwargs), daemon=True
+            )
             self._proc.start()
         t0 = time.perf_counter()
         self.info = self._recv()
@@ -198,21 +213,28 @@ class Worker:
                 self._proc.join()
 
 
-def interleave(workers: Sequence[Worker], rounds: int, per_round: int = 1,
-               log: Callable[[str], None] | None = print) -> dict[str, Any]:
+def interleave(
+    workers: Sequence[Worker],
+    rounds: int,
+    per_round: int = 1,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
     """Round-robin timing: each round asks every worker (rotating the order) for `per_round`
     timed repetitions. Returns {worker: {label: [seconds]}} plus the load average per round."""
     out: dict[str, dict[str, list[float]]] = {w.name: {} for w in workers}
     loads = []
     for r in range(rounds):
-        order = list(workers[r % len(workers):]) + list(workers[: r % len(workers)])
+        order = list(workers[r % len(workers) :]) + list(workers[: r % len(workers)])
         for w in order:
             for label, times in w.run(per_round).items():
                 out[w.name].setdefault(label, []).extend(times)
         loads.append(load_average())
         if log:
-            meds = {f"{w.name}/{lab}": round(statistics.median(ts), 4)
-                    for w in workers for lab, ts in out[w.name].items()}
+            meds = {
+                f"{w.name}/{lab}": round(statistics.median(ts), 4)
+                for w in workers
+                for lab, ts in out[w.name].items()
+            }
             log(f"  round {r + 1}/{rounds}: load {loads[-1]} medians {meds}")
     return {"times": out, "load_per_round": loads}
 
@@ -250,11 +272,15 @@ class MatmulRoofline(Bench):
         return out
 
 
-def roofline_gflops(result: dict[str, list[float]], sizes: Sequence[int] = (2048, 4096)
-                    ) -> dict[str, float]:
+def roofline_gflops(
+    result: dict[str, list[float]], sizes: Sequence[int] = (2048, 4096)
+) -> dict[str, float]:
     """GFLOP/s of each measured size (median) and the best of them (the roofline used)."""
-    g = {str(n): 2.0 * n**3 / statistics.median(result[f"matmul_{n}"]) / 1e9 for n in sizes
-         if f"matmul_{n}" in result}
+    g = {
+        str(n): 2.0 * n**3 / statistics.median(result[f"matmul_{n}"]) / 1e9
+        for n in sizes
+        if f"matmul_{n}" in result
+    }
     g["best"] = max(g.values())
     return g
 
@@ -286,8 +312,9 @@ def make_config(kind: str, variant: str = "default", **model_overrides):
 
     if kind not in ("pretrain", "codi"):
         raise ValueError(f"kind must be 'pretrain' or 'codi', got {kind!r}")
-    config = presets.pretrain_config("default") if kind == "pretrain" else presets.sr_config(
-        "default")
+    config = (
+        presets.pretrain_config("default") if kind == "pretrain" else presets.sr_config("default")
+    )
     model_variant(config, variant)
     for k, v in model_overrides.items():
         config.model[k] = v
@@ -307,13 +334,23 @@ def pretrain_job(config):
     schedule = get_schedule(config.diffusion.schedule)
 
     def loss_fn(params, target, teacher, batch, rng):
-        return diffusion_loss(apply_fn, params, batch, rng, schedule=schedule,
-                              weighting=config.diffusion.weighting,
-                              snr_gamma=config.diffusion.snr_gamma)
+        return diffusion_loss(
+            apply_fn,
+            params,
+            batch,
+            rng,
+            schedule=schedule,
+            weighting=config.diffusion.weighting,
+            snr_gamma=config.diffusion.snr_gamma,
+        )
 
-    return Job(name="pretrain", init_params=lambda rng: init_params(model, rng,
-                                                                    config.data.crop_size),
-               loss_fn=loss_fn, mode="pretrain", ema=config.ema)
+    return Job(
+        name="pretrain",
+        init_params=lambda rng: init_params(model, rng, config.data.crop_size),
+        loss_fn=loss_fn,
+        mode="pretrain",
+        ema=config.ema,
+    )
 
 
 def codi_job(config):
@@ -337,12 +374,25 @@ def codi_job(config):
         return model.init({"params": rng}, cond0, jnp.zeros((1,)), cond0)["params"]
 
     def loss_fn(params, target, teacher, batch, rng):
-        return compute_loss(apply_fn, params, batch, rng, schedule=schedule, cfg=dcfg,
-                            target_params=target, teacher_params=teacher)
+        return compute_loss(
+            apply_fn,
+            params,
+            batch,
+            rng,
+            schedule=schedule,
+            cfg=dcfg,
+            target_params=target,
+            teacher_params=teacher,
+        )
 
-    return Job(name=dcfg.objective, init_params=init_fn, loss_fn=loss_fn,
-               mode="pe_codi" if dcfg.objective == "pe_codi" else "codi", ema=dcfg.eval_ema,
-               target_ema=dcfg.target_ema if needs_target(dcfg.objective) else None)
+    return Job(
+        name=dcfg.objective,
+        init_params=init_fn,
+        loss_fn=loss_fn,
+        mode="pe_codi" if dcfg.objective == "pe_codi" else "codi",
+        ema=dcfg.eval_ema,
+        target_ema=dcfg.target_ema if needs_target(dcfg.objective) else None,
+    )
 
 
 def real_batch(config, kind: str) -> dict:
@@ -354,9 +404,11 @@ def real_batch(config, kind: str) -> dict:
     else:
         from cdd_jax.data.degradations import SRPairTransform
 
-        ds = build_train_dataset(config.data, task="sr",
-                                 sr_transform=SRPairTransform(config.degradation,
-                                                              config.data.crop_size))
+        ds = build_train_dataset(
+            config.data,
+            task="sr",
+            sr_transform=SRPairTransform(config.degradation, config.data.crop_size),
+        )
     return ds[0]
 
 
@@ -430,22 +482,31 @@ def build_train_step(job, config, batch_np: dict, *, donate: bool = True) -> Bui
         return create_state(job.init_params(rng), tx, with_target=with_target, labels=labels)
 
     boxed = jax.eval_shape(init_state, jax.random.key(0))
-    state_sh = logical_state_shardings(boxed, mesh, config.mesh.logical_axis_rules,
-                                       config.mesh.min_shard_bytes)
+    state_sh = logical_state_shardings(
+        boxed, mesh, config.mesh.logical_axis_rules, config.mesh.min_shard_bytes
+    )
     init_rng, step_rng = jax.random.split(jax.random.key(config.seed))
     state = jax.jit(lambda r: unbox(init_state(r)), out_shardings=state_sh)(init_rng)
-    inner = make_train_step(job.loss_fn, tx, labels, ema=job.ema, target_ema=job.target_ema,
-                            lr_schedules={k: v for k, v in schedules.items()
-                                          if k in set(jax.tree.leaves(labels))})
+    inner = make_train_step(
+        job.loss_fn,
+        tx,
+        labels,
+        ema=job.ema,
+        target_ema=job.target_ema,
+        lr_schedules={k: v for k, v in schedules.items() if k in set(jax.tree.leaves(labels))},
+    )
 
     def step_fn(state, batch, base_rng, teacher_params):
         rng = jax.random.fold_in(base_rng, state.step)
         return inner(state, batch, rng, teacher_params)
 
     batch = global_batch(batch_np, mesh)
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sharding(mesh), replicated(mesh), None),
-                     out_shardings=(state_sh, replicated(mesh)),
-                     donate_argnums=(0,) if donate else ())
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_sh, batch_sharding(mesh), replicated(mesh), None),
+        out_shardings=(state_sh, replicated(mesh)),
+        donate_argnums=(0,) if donate else (),
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with sharding_context(mesh, config.mesh.logical_axis_rules):
@@ -454,8 +515,19 @@ def build_train_step(job, config, batch_np: dict, *, donate: bool = True) -> Bui
             t1 = time.perf_counter()
             compiled = lowered.compile()
             t2 = time.perf_counter()
-        built = BuiltStep(jitted, compiled, state, batch, step_rng, None, t1 - t0, t2 - t1,
-                          flops_of(compiled), [], count_params(state.params))
+        built = BuiltStep(
+            jitted,
+            compiled,
+            state,
+            batch,
+            step_rng,
+            None,
+            t1 - t0,
+            t2 - t1,
+            flops_of(compiled),
+            [],
+            count_params(state.params),
+        )
         jax.block_until_ready(built.step())  # the first call (and any donation warning)
     built.warnings = [str(w.message) for w in caught]
     return built
@@ -464,21 +536,36 @@ def build_train_step(job, config, batch_np: dict, *, donate: bool = True) -> Bui
 class TrainStepBench(Bench):
     """A worker's cdd_jax train step: kind "pretrain" | "codi", variant "default" | "large"."""
 
-    def __init__(self, kind: str, variant: str = "default", warmup: int = 3,
-                 **model_overrides):
+    def __init__(
+        self,
+        kind: str,
+        variant: str = "default",
+        warmup: int = 3,
+        donate: bool = True,
+        **model_overrides,
+    ):
         import jax
 
         config = make_config(kind, variant, **model_overrides)
         job = pretrain_job(config) if kind == "pretrain" else codi_job(config)
-        self.built = build_train_step(job, config, real_batch(config, kind))
+        self.built = build_train_step(job, config, real_batch(config, kind), donate=donate)
         warm = self.built.timed_steps(warmup)
         b = self.built
         self.info = {
-            "kind": kind, "variant": variant, "model": config.model.to_dict(),
-            "batch_size": config.data.batch_size, "crop_size": config.data.crop_size,
-            "num_params": b.num_params, "trace_s": b.trace_s, "compile_s": b.compile_s,
-            "flops_per_step": b.flops, "warnings": b.warnings, "warmup_s": warm,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "devices": str(jax.devices()),
+            "kind": kind,
+            "variant": variant,
+            "model": config.model.to_dict(),
+            "batch_size": config.data.batch_size,
+            "crop_size": config.data.crop_size,
+            "num_params": b.num_params,
+            "trace_s": b.trace_s,
+            "compile_s": b.compile_s,
+            "flops_per_step": b.flops,
+            "warnings": b.warnings,
+            "warmup_s": warm,
+            "donate": donate,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "devices": str(jax.devices()),
         }
 
     def run(self, n: int) -> dict[str, list[float]]:

@@ -41,8 +41,10 @@ from benchmarks.common import Bench, make_config, real_batch  # noqa: E402
 
 def _levels(model_cfg, size: int) -> list[tuple[int, int, bool]]:
     """(channels, resolution, attention?) per level."""
-    return [(model_cfg.ch * m, size // 2**i, size // 2**i in tuple(model_cfg.attn_resolutions))
-            for i, m in enumerate(model_cfg.ch_mult)]
+    return [
+        (model_cfg.ch * m, size // 2**i, size // 2**i in tuple(model_cfg.attn_resolutions))
+        for i, m in enumerate(model_cfg.ch_mult)
+    ]
 
 
 def unet_kwargs(model_cfg, size: int) -> dict[str, Any]:
@@ -75,9 +77,13 @@ def build_unet2d(model_cfg, size: int):
 def _mid_block(channels: int, model_cfg):
     from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D
 
-    return UNetMidBlock2D(in_channels=channels, temb_channels=4 * model_cfg.ch,
-                          attention_head_dim=int(model_cfg.head_dim),
-                          resnet_groups=int(model_cfg.num_groups), add_attention=True)
+    return UNetMidBlock2D(
+        in_channels=channels,
+        temb_channels=4 * model_cfg.ch,
+        attention_head_dim=int(model_cfg.head_dim),
+        resnet_groups=int(model_cfg.num_groups),
+        add_attention=True,
+    )
 
 
 class ControlledUNet:
@@ -89,13 +95,26 @@ class ControlledUNet:
         from torch import nn
 
         kw = unet_kwargs(model_cfg, size)
-        enc_kw = {k: kw[k] for k in ("in_channels", "block_out_channels", "down_block_types",
-                                     "layers_per_block", "norm_num_groups", "attention_head_dim")}
-        self.unet = UNet2DConditionModel(**kw, mid_block_type="UNetMidBlock2D",
-                                         cross_attention_dim=8)
-        self.control = ControlNetModel(**enc_kw, mid_block_type="UNetMidBlock2D",
-                                       cross_attention_dim=8,
-                                       conditioning_embedding_out_channels=(16,))
+        enc_kw = {
+            k: kw[k]
+            for k in (
+                "in_channels",
+                "block_out_channels",
+                "down_block_types",
+                "layers_per_block",
+                "norm_num_groups",
+                "attention_head_dim",
+            )
+        }
+        self.unet = UNet2DConditionModel(
+            **kw, mid_block_type="UNetMidBlock2D", cross_attention_dim=8
+        )
+        self.control = ControlNetModel(
+            **enc_kw,
+            mid_block_type="UNetMidBlock2D",
+            cross_attention_dim=8,
+            conditioning_embedding_out_channels=(16,),
+        )
         c_mid = kw["block_out_channels"][-1]
         self.unet.mid_block = _mid_block(c_mid, model_cfg)
         self.control.mid_block = _mid_block(c_mid, model_cfg)
@@ -103,8 +122,9 @@ class ControlledUNet:
         hidden = tuple(int(h) for h in adapter_cfg.cond_embed_ch)
         emb = self.control.controlnet_cond_embedding
         emb.conv_in = nn.Conv2d(3, hidden[0], 3, padding=1)
-        emb.blocks = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1)
-                                   for a, b in zip(hidden[:-1], hidden[1:]))
+        emb.blocks = nn.ModuleList(
+            nn.Conv2d(a, b, 3, padding=1) for a, b in zip(hidden[:-1], hidden[1:], strict=True)
+        )
         emb.conv_out = nn.Conv2d(hidden[-1], model_cfg.ch, 3, padding=1)
         nn.init.zeros_(emb.conv_out.weight)
         nn.init.zeros_(emb.conv_out.bias)
@@ -116,9 +136,11 @@ class ControlledUNet:
             self._c_emb = None
             emb.register_forward_hook(lambda m, i, o: setattr(self, "_c_emb", o))
             self.unet.conv_in.register_forward_hook(
-                lambda m, i, o: o + self.input_gate(self._c_emb))
-        self.modules = nn.ModuleList([self.unet, self.control]
-                                     + ([self.input_gate] if self.input_gate is not None else []))
+                lambda m, i, o: o + self.input_gate(self._c_emb)
+            )
+        self.modules = nn.ModuleList(
+            [self.unet, self.control] + ([self.input_gate] if self.input_gate is not None else [])
+        )
         self._ctx = torch.zeros(1, 1, 8)
 
     def parameters(self):
@@ -127,8 +149,14 @@ class ControlledUNet:
     def forward(self, z, t, cond):
         ctx = self._ctx.expand(z.shape[0], 1, 8)
         down, mid = self.control(z, t, ctx, cond, return_dict=False)
-        return self.unet(z, t, ctx, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid, return_dict=False)[0]
+        return self.unet(
+            z,
+            t,
+            ctx,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
 
     __call__ = forward
 
@@ -166,8 +194,7 @@ class PeerTrainStep(Bench):
             groups = [{"params": params, "lr": config.optim.lr}]
             self.ema_decay = config.ema.decay
         else:
-            self.cond = torch.from_numpy(
-                np.ascontiguousarray(batch["cond"].transpose(0, 3, 1, 2)))
+            self.cond = torch.from_numpy(np.ascontiguousarray(batch["cond"].transpose(0, 3, 1, 2)))
             self.net = ControlledUNet(config.model, config.adapter, size)
             # A second instance (its hooks close over itself), holding a copy of the weights.
             self.target = ControlledUNet(config.model, config.adapter, size)
@@ -178,27 +205,37 @@ class PeerTrainStep(Bench):
             backbone = list(self.net.unet.parameters())
             new = [p for m in self.net.modules[1:] for p in m.parameters()]
             params = backbone + new
-            groups = [{"params": backbone, "lr": config.optim.lr},
-                      {"params": new, "lr": config.optim.new_lr}]
+            groups = [
+                {"params": backbone, "lr": config.optim.lr},
+                {"params": new, "lr": config.optim.new_lr},
+            ]
             self.ema_decay = config.distill.eval_ema.decay
             self.target_decay = config.distill.target_ema.decay
             self.target_params = list(self.target.parameters())
         self.params = params
         self.ema = [p.detach().clone() for p in params]
         o = config.optim
-        self.opt = torch.optim.AdamW(groups, betas=(o.b1, o.b2), eps=o.eps,
-                                     weight_decay=o.weight_decay, foreach=True)
+        self.opt = torch.optim.AdamW(
+            groups, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay, foreach=True
+        )
         self.clip = float(o.grad_clip)
         self.num_params = sum(p.numel() for p in params)
         t0 = time.perf_counter()
         self.step()
         first = time.perf_counter() - t0
         warm = self.timed_steps(warmup)
-        self.info = {"kind": kind, "variant": variant, "num_params": self.num_params,
-                     "first_step_s": first, "warmup_s": warm,
-                     "torch_threads": torch.get_num_threads(),
-                     "torch_version": torch.__version__, "batch_size": self.n,
-                     "crop_size": size, "layer_flops_per_step": self.count_flops()}
+        self.info = {
+            "kind": kind,
+            "variant": variant,
+            "num_params": self.num_params,
+            "first_step_s": first,
+            "warmup_s": warm,
+            "torch_threads": torch.get_num_threads(),
+            "torch_version": torch.__version__,
+            "batch_size": self.n,
+            "crop_size": size,
+            "layer_flops_per_step": self.count_flops(),
+        }
 
     # ---- the steps --------------------------------------------------------------------------
 
@@ -245,8 +282,9 @@ class PeerTrainStep(Bench):
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.ema_decay)
             if self.kind == "codi":
-                torch._foreach_lerp_(self.target_params, [p.detach() for p in self.params],
-                                     1 - self.target_decay)
+                torch._foreach_lerp_(
+                    self.target_params, [p.detach() for p in self.params], 1 - self.target_decay
+                )
 
     def timed_steps(self, n: int) -> list[float]:
         out = []
@@ -271,8 +309,13 @@ class PeerTrainStep(Bench):
 class PeerSampler(Bench):
     """Per-call latency of K network evaluations (DDIM-like loop) of the peer networks."""
 
-    def __init__(self, variant: str = "default", batch: int = 16, steps: tuple = (1, 2, 4, 200),
-                 threads: int = 0):
+    def __init__(
+        self,
+        variant: str = "default",
+        batch: int = 16,
+        steps: tuple = (1, 2, 4, 200),
+        threads: int = 0,
+    ):
         import torch
 
         if threads:

@@ -50,8 +50,9 @@ def _tiny_job(config) -> Job:
         loss_fn=loss_fn,
         mode="pretrain",
         ema=config.ema,
-        make_dataset=lambda pi, pc: build_train_dataset(config.data, task="pretrain",
-                                                        process_index=pi, process_count=pc),
+        make_dataset=lambda pi, pc: build_train_dataset(
+            config.data, task="pretrain", process_index=pi, process_count=pc
+        ),
     )
 
 
@@ -64,17 +65,24 @@ def _jitted_step(config, job):
     def init_state(rng):
         return create_state(job.init_params(rng), tx, with_target=False, labels=labels)
 
-    state_sh = logical_state_shardings(jax.eval_shape(init_state, jax.random.key(0)), mesh,
-                                       config.mesh.logical_axis_rules,
-                                       config.mesh.min_shard_bytes)
+    state_sh = logical_state_shardings(
+        jax.eval_shape(init_state, jax.random.key(0)),
+        mesh,
+        config.mesh.logical_axis_rules,
+        config.mesh.min_shard_bytes,
+    )
     state = jax.jit(lambda r: unbox(init_state(r)), out_shardings=state_sh)(jax.random.key(0))
     inner = make_train_step(job.loss_fn, tx, labels, ema=job.ema)
 
     def step_fn(state, batch, base_rng, teacher_params):
         return inner(state, batch, jax.random.fold_in(base_rng, state.step), teacher_params)
 
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sharding(mesh), replicated(mesh), None),
-                     out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_sh, batch_sharding(mesh), replicated(mesh), None),
+        out_shardings=(state_sh, replicated(mesh)),
+        donate_argnums=(0,),
+    )
     ds = build_train_dataset(config.data, task="pretrain")
     batches = [global_batch(ds[i], mesh) for i in range(3)]
     return jitted, state, batches, mesh
@@ -85,8 +93,10 @@ def test_step_jit_cache_stays_at_one_entry_and_donation_is_used():
     job = _tiny_job(config)
     jitted, state, batches, mesh = _jitted_step(config, job)
     rng = jax.random.key(1)
-    with warnings.catch_warnings(record=True) as caught, \
-            sharding_context(mesh, config.mesh.logical_axis_rules):
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        sharding_context(mesh, config.mesh.logical_axis_rules),
+    ):
         warnings.simplefilter("always")
         for i in range(5):
             old_leaf = jax.tree.leaves(state.params)[0]

@@ -11,6 +11,7 @@ from cdd_jax.parallel.distributed import (
 from cdd_jax.parallel.mesh import (
     BATCH_AXES,
     check_batch_divisible,
+    check_mesh_config,
     data_parallel_size,
     make_mesh,
     resolve_sizes,
@@ -33,6 +34,7 @@ __all__ = [
     "assert_same_config_across_processes",
     "batch_sharding",
     "check_batch_divisible",
+    "check_mesh_config",
     "config_fingerprint",
     "data_parallel_size",
     "detect_cluster",

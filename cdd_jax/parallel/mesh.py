@@ -41,6 +41,17 @@ def _get(cfg: Any, key: str) -> Any:
     return cfg[key] if isinstance(cfg, Mapping) else getattr(cfg, key)
 
 
+def _axes(mesh_cfg: Any) -> tuple[str, ...]:
+    """The config's axis names, checked against its sizes."""
+    axes = tuple(_get(mesh_cfg, "axes"))
+    sizes = tuple(_get(mesh_cfg, "sizes"))
+    if len(axes) != len(sizes):
+        raise ValueError(f"Mesh axes {axes} and sizes {sizes} differ in length.")
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"Mesh axis names must be unique, got {axes}.")
+    return axes
+
+
 def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds a `Mesh` with `Auto` axis types from a config with `axes` and `sizes`.
 
@@ -48,14 +59,9 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
     the classic behaviour: jit's in/out shardings and logical constraints steer the partitioner,
     and shardings are not part of the array types (jax.make_mesh now defaults to Explicit).
     """
-    axes = tuple(_get(mesh_cfg, "axes"))
-    sizes = tuple(_get(mesh_cfg, "sizes"))
-    if len(axes) != len(sizes):
-        raise ValueError(f"Mesh axes {axes} and sizes {sizes} differ in length.")
-    if len(set(axes)) != len(axes):
-        raise ValueError(f"Mesh axis names must be unique, got {axes}.")
+    axes = _axes(mesh_cfg)
     devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_sizes(sizes, len(devices))
+    sizes = resolve_sizes(_get(mesh_cfg, "sizes"), len(devices))
     return jax.make_mesh(sizes, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
@@ -64,20 +70,24 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
 
 
-def check_batch_divisible(global_batch: int, mesh: Mesh, process_count: int | None = None) -> int:
+def check_batch_divisible(
+    global_batch: int, mesh: Mesh | Mapping[str, int], process_count: int | None = None
+) -> int:
     """Checks that `global_batch` splits evenly over batch shards and processes.
 
-    Returns the per-process batch size (what each host's data pipeline must produce).
+    `mesh` is a Mesh or its shape ({axis name: size}). Returns the per-process batch size (what
+    each host's data pipeline must produce).
     """
     if process_count is None:
         process_count = jax.process_count()
     if not isinstance(global_batch, (int, np.integer)) or global_batch <= 0:
         raise ValueError(f"Global batch size must be a positive int, got {global_batch!r}.")
-    dp = data_parallel_size(mesh)
+    shape = dict(mesh.shape) if isinstance(mesh, Mesh) else dict(mesh)
+    dp = math.prod(shape[a] for a in BATCH_AXES if a in shape)
     if global_batch % dp:
         raise ValueError(
             f"Global batch size {global_batch} is not divisible by the data-parallel size {dp} "
-            f"(mesh {dict(mesh.shape)}, batch split over {BATCH_AXES})."
+            f"(mesh {shape}, batch split over {BATCH_AXES})."
         )
     if global_batch % process_count:
         raise ValueError(
@@ -85,3 +95,24 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, process_count: int | No
             f"{process_count}."
         )
     return int(global_batch) // process_count
+
+
+def check_mesh_config(
+    mesh_cfg: Any,
+    global_batch: int,
+    num_devices: int | None = None,
+    process_count: int | None = None,
+) -> dict[str, int]:
+    """Validates a `mesh` config section against the devices and the global batch size.
+
+    Builds nothing and compiles nothing, so configuration checks can call it before any data is
+    loaded or any model is initialised: the mesh sizes must multiply to the device count (default:
+    all global devices) and the global batch must split over the data-parallel size and the
+    processes. Returns the resolved mesh shape {axis name: size}.
+    """
+    axes = _axes(mesh_cfg)
+    if num_devices is None:
+        num_devices = jax.device_count()
+    shape = dict(zip(axes, resolve_sizes(_get(mesh_cfg, "sizes"), num_devices), strict=True))
+    check_batch_divisible(global_batch, shape, process_count)
+    return shape

@@ -1,0 +1,205 @@
+"""Sampling latency per image: the distilled student at K = 1, 2, 4 steps vs the teacher at 200.
+
+Both use the conditional network of the default SR config (`sr_config("default")`: ch 32, ch_mult
+(1, 2, 2), 1 res block, attention at 8 px, the ControlNet-style adapter) at 32 px, batch 16, with
+parameters from its random init (timing does not depend on the values). The student is
+`cdd_jax.distill.sampling.few_step_sample` (K-step DDIM); the teacher baseline is
+`teacher_sample(..., num_steps=200, sampler="ddim")` on the same network, i.e. what sampling a
+conditional diffusion model without distillation costs. Each sampler is jitted with the
+parameters and the condition as arguments; latency is the median over repeated calls after
+warm-up, with block_until_ready, divided by the batch size. Calls of all K (and of the teacher)
+alternate round by round so that load changes affect them alike. `--xnn` adds a second worker
+process with the XNNPACK greedy graph-fusion flag, alternated with the plain one.
+
+    python benchmarks/sampling.py [--rounds=5] [--batch=16] [--teacher_steps=200] [--xnn]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+STUDENT_STEPS = (1, 2, 4)
+
+
+class SamplerBench(common.Bench):
+    """Student (K = 1, 2, 4) and teacher (`teacher_steps` DDIM steps) samplers, jitted."""
+
+    def __init__(self, batch: int = 16, teacher_steps: int = 200, variant: str = "default"):
+        import jax
+        import jax.numpy as jnp
+
+        from cdd_jax.data.degradations import SRPairTransform
+        from cdd_jax.data.pipeline import make_eval_set
+        from cdd_jax.diffusion import get_schedule
+        from cdd_jax.distill.sampling import few_step_sample, teacher_sample
+        from cdd_jax.models.conditional import ConditionalUNet
+        from cdd_jax.parallel.sharding import unbox
+        from cdd_jax.train.run import _cond_apply
+
+        config = common.make_config("codi", variant)
+        size = config.data.crop_size
+        model = ConditionalUNet.from_config(config.model, config.adapter)
+        apply_fn = _cond_apply(model)
+        schedule = get_schedule(config.diffusion.schedule)
+        cond0 = jnp.zeros((1, size, size, 3))
+        self.params = unbox(
+            jax.jit(lambda r: model.init({"params": r}, cond0, jnp.zeros((1,)), cond0)["params"])(
+                jax.random.key(0)
+            )
+        )
+        eval_set = make_eval_set(
+            config.data,
+            task="sr",
+            num_crops=batch,
+            sr_transform=SRPairTransform(config.degradation, size),
+        )
+        self.cond = jnp.asarray(eval_set["cond"])
+        self.rng = jax.random.key(7)
+        self.batch = batch
+        self.fns, compile_s, flops = {}, {}, {}
+        samplers = {f"student_K{k}": (few_step_sample, k) for k in STUDENT_STEPS}
+        samplers[f"teacher_{teacher_steps}"] = (teacher_sample, teacher_steps)
+        for name, (fn, k) in samplers.items():
+            jitted = jax.jit(
+                lambda p, c, r, fn=fn, k=k: fn(apply_fn, p, c, r, schedule=schedule, num_steps=k)
+            )
+            t0 = time.perf_counter()
+            compiled = jitted.lower(self.params, self.cond, self.rng).compile()
+            compile_s[name] = time.perf_counter() - t0
+            flops[name] = common.flops_of(compiled)
+            compiled(self.params, self.cond, self.rng).block_until_ready()  # warm-up
+            self.fns[name] = compiled
+        self.info = {
+            "batch": batch,
+            "crop_size": size,
+            "model": config.model.to_dict(),
+            "compile_s": compile_s,
+            "flops_per_call": flops,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        }
+
+    def run(self, n: int) -> dict[str, list[float]]:
+        out = {}
+        for name, fn in self.fns.items():
+            reps = 1 if name.startswith("teacher") else n
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn(self.params, self.cond, self.rng).block_until_ready()
+                ts.append(time.perf_counter() - t0)
+            out[name] = ts
+        return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5, help="Rounds; each times every sampler.")
+    p.add_argument("--per_round", type=int, default=3, help="Student calls per round.")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--teacher_steps", type=int, default=200)
+    p.add_argument("--xnn", action="store_true", help="Also time with the XNNPACK greedy flag.")
+    p.add_argument("--out_dir", default=common.RESULTS_DIR)
+    args = p.parse_args()
+
+    machine = common.machine_info()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores; {machine['uptime']}")
+    workers = [common.Worker("cdd_jax", SamplerBench, args.batch, args.teacher_steps)]
+    if args.xnn:
+        flags = (os.environ.get("XLA_FLAGS", "") + " " + common.XNN_GREEDY).strip()
+        workers.append(
+            common.Worker(
+                "cdd_jax+xnn",
+                SamplerBench,
+                args.batch,
+                args.teacher_steps,
+                env={"XLA_FLAGS": flags},
+            )
+        )
+    try:
+        res = common.interleave(workers, args.rounds, args.per_round)
+    finally:
+        for w in workers:
+            w.close()
+
+    teacher = f"teacher_{args.teacher_steps}"
+    rows, results = [], {}
+    for w in workers:
+        per = {}
+        for name, ts in res["times"][w.name].items():
+            med = statistics.median(ts)
+            per[name] = {
+                **common.summarize(ts),
+                "per_image_ms": 1e3 * med / args.batch,
+                "compile_s": w.info["compile_s"][name],
+                "flops_per_call": w.info["flops_per_call"][name],
+            }
+        t_img = per[teacher]["per_image_ms"]
+        for name, r in per.items():
+            r["speedup_vs_teacher"] = t_img / r["per_image_ms"]
+            rows.append(
+                [
+                    w.name,
+                    name,
+                    r["compile_s"],
+                    1e3 * r["median_s"],
+                    r["per_image_ms"],
+                    r["speedup_vs_teacher"],
+                    r["n"],
+                ]
+            )
+        results[w.name] = per
+    main_res = results["cdd_jax"]
+    ratio = main_res[teacher]["per_image_ms"] / main_res["student_K4"]["per_image_ms"]
+    machine_end = common.machine_info()
+    payload = {
+        "benchmark": "sampling",
+        "machine": machine,
+        "uptime_end": machine_end["uptime"],
+        "load_average_start": machine["load_average"],
+        "load_average_end": machine_end["load_average"],
+        "load_per_round": res["load_per_round"],
+        "args": vars(args),
+        "results": results,
+        "raw_times": res["times"],
+        "target": {"K4_vs_teacher_speedup": ratio, "required": 40.0, "met": ratio >= 40.0},
+        "worker_info": {w.name: w.info for w in workers},
+    }
+    md = [
+        "# Sampling latency per image (conditional network, default SR config)",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores. Load average (1/5/15 min) at start "
+        f"{machine['load_average']}, at end {machine_end['load_average']}. Batch {args.batch} at "
+        f"32 px; parameters from init; {args.rounds} alternating rounds (median). Samplers "
+        "jitted with lax.scan over steps; compile time is the ahead-of-time compile.",
+        "",
+        common.md_table(
+            [
+                "process",
+                "sampler",
+                "compile s",
+                "batch ms",
+                "ms / image",
+                "speed-up vs teacher",
+                "calls",
+            ],
+            rows,
+        ),
+        "",
+        f"**Target**: 4-step student >= 40x faster per image than the {args.teacher_steps}-step "
+        f"teacher: measured {ratio:.1f}x ({'met' if ratio >= 40 else 'MISSED'}).",
+    ]
+    print("\n".join(md))
+    common.write_results("sampling", payload, "\n".join(md), args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -290,32 +290,29 @@ def roofline_gflops(
 # ----------------------------------------------------------------------------------------------
 
 
-def model_variant(config, variant: str):
-    """Applies a model-size variant to a preset config in place: "default" (the preset) or
-    "large" (ch 64, 2 res blocks, attention at 16 px, 32 groups, batch 16; ~6.5M params)."""
-    if variant == "default":
-        return config
-    if variant != "large":
-        raise ValueError(f"unknown model variant {variant!r}; use 'default' or 'large'")
-    config.model.ch = 64
-    config.model.ch_mult = (1, 2, 2)
-    config.model.num_res_blocks = 2
-    config.model.attn_resolutions = (16,)
-    config.model.num_groups = 32
-    config.data.batch_size = 16
-    return config
+VARIANTS = ("default", "large", "tiny")
 
 
 def make_config(kind: str, variant: str = "default", **model_overrides):
-    """The preset config of a `kind` ("pretrain" or "codi") and model variant."""
+    """The preset config of a step `kind` ("pretrain" or "codi") for a model `variant`:
+    "default" (the preset: ch 32, ch_mult (1, 2, 2), 1 res block, attention at 8 px, 32 px crops,
+    batch 32), "large" (ch 64, 2 res blocks, attention at 16 px, 32 groups, batch 16; ~6.5M
+    params) or "tiny" (the presets' test config, for checking the scripts in seconds)."""
     from cdd_jax.train import presets
 
     if kind not in ("pretrain", "codi"):
         raise ValueError(f"kind must be 'pretrain' or 'codi', got {kind!r}")
-    config = (
-        presets.pretrain_config("default") if kind == "pretrain" else presets.sr_config("default")
-    )
-    model_variant(config, variant)
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown model variant {variant!r}; valid: {VARIANTS}")
+    preset = "tiny" if variant == "tiny" else "default"
+    config = presets.pretrain_config(preset) if kind == "pretrain" else presets.sr_config(preset)
+    if variant == "large":
+        config.model.ch = 64
+        config.model.ch_mult = (1, 2, 2)
+        config.model.num_res_blocks = 2
+        config.model.attn_resolutions = (16,)
+        config.model.num_groups = 32
+        config.data.batch_size = 16
     for k, v in model_overrides.items():
         config.model[k] = v
     return config

@@ -36,7 +36,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Bench, make_config, real_batch  # noqa: E402
+from benchmarks.common import VARIANTS, Bench, make_config, real_batch  # noqa: E402
 
 
 def _levels(model_cfg, size: int) -> list[tuple[int, int, bool]]:
@@ -63,8 +63,14 @@ def unet_kwargs(model_cfg, size: int) -> dict[str, Any]:
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for _, _, a in reversed(levels)),
         layers_per_block=int(model_cfg.num_res_blocks),
         norm_num_groups=groups,
-        attention_head_dim=int(model_cfg.head_dim),
+        attention_head_dim=_head_dim(model_cfg),
     )
+
+
+def _head_dim(model_cfg) -> int:
+    """cdd_jax uses max(1, C // head_dim) heads, i.e. one head of C channels when C < head_dim."""
+    narrowest = model_cfg.ch * min(model_cfg.ch_mult)
+    return min(int(model_cfg.head_dim), narrowest)
 
 
 def build_unet2d(model_cfg, size: int):
@@ -80,7 +86,7 @@ def _mid_block(channels: int, model_cfg):
     return UNetMidBlock2D(
         in_channels=channels,
         temb_channels=4 * model_cfg.ch,
-        attention_head_dim=int(model_cfg.head_dim),
+        attention_head_dim=_head_dim(model_cfg),
         resnet_groups=int(model_cfg.num_groups),
         add_attention=True,
     )
@@ -361,7 +367,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kind", default="codi", choices=("pretrain", "codi"))
-    p.add_argument("--variant", default="default", choices=("default", "large"))
+    p.add_argument("--variant", default="default", choices=VARIANTS)
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args()
     bench = PeerTrainStep(args.kind, args.variant)

@@ -105,6 +105,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="Rounds; each times every sampler.")
     p.add_argument("--per_round", type=int, default=3, help="Student calls per round.")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--variant", default="default", choices=common.VARIANTS)
     p.add_argument("--teacher_steps", type=int, default=200)
     p.add_argument("--xnn", action="store_true", help="Also time with the XNNPACK greedy flag.")
     p.add_argument("--out_dir", default=common.RESULTS_DIR)
@@ -112,7 +113,7 @@ def main() -> None:
 
     machine = common.machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; {machine['uptime']}")
-    workers = [common.Worker("cdd_jax", SamplerBench, args.batch, args.teacher_steps)]
+    workers = [common.Worker("cdd_jax", SamplerBench, args.batch, args.teacher_steps, args.variant)]
     if args.xnn:
         flags = (os.environ.get("XLA_FLAGS", "") + " " + common.XNN_GREEDY).strip()
         workers.append(
@@ -121,6 +122,7 @@ def main() -> None:
                 SamplerBench,
                 args.batch,
                 args.teacher_steps,
+                args.variant,
                 env={"XLA_FLAGS": flags},
             )
         )

@@ -2,12 +2,17 @@
 
     python tests/scale_worker.py DUMP.npz --config=configs/pretrain.py:tiny --workdir=... [flags]
 
-Used by tests/test_scale.py for a job that resumes on a machine with another device count (the
-test sets XLA_FLAGS). The only addition to the plain command line: when the training loop
-restores a checkpoint, the restored train state (every leaf, as numpy), the sharding spec each
-leaf was placed with, the mesh shape and the restored step are saved to DUMP.npz before training
-goes on. With SCALE_WORKER_NO_EVAL=1 the job's evaluation and sample hooks are dropped (they do
-not touch the train state and only cost compile time).
+(DUMP.npz "-": record nothing.)
+
+Used by tests/test_scale.py for the one-device reference runs and for a job that resumes on a
+machine with another device count (the test sets XLA_FLAGS). The only addition to the plain
+command line: when the training loop restores a checkpoint, the restored train state (every leaf,
+as numpy), the sharding spec each leaf was placed with, the mesh shape and the restored step are
+saved to DUMP.npz before training goes on. Two switches (environment variables) save compile
+time without touching the training: SCALE_WORKER_NO_EVAL=1 drops the job's evaluation and sample
+hooks (they read the state, never change it); SCALE_WORKER_STOP_AFTER_TRAIN=1 exits with 0 as
+soon as `loop.train` returns (its final checkpoint and logs are written by then), skipping export
+and the evaluation stage.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ def _install_hooks(dump_path: str) -> None:
 
     def recording_restore(self, abstract_state):
         out = restore_latest(self, abstract_state)
-        if out is not None:
+        if out is not None and dump_path != "-":
             step, state, _ = out
             flat = jax.tree_util.tree_flatten_with_path(state)[0]
             arrays = {f"leaf{i}": np.asarray(x) for i, (_, x) in enumerate(flat)}
@@ -44,13 +49,18 @@ def _install_hooks(dump_path: str) -> None:
         return out
 
     checkpoint.Checkpointer.restore_latest = recording_restore
-    if os.environ.get("SCALE_WORKER_NO_EVAL") == "1":
+    no_eval = os.environ.get("SCALE_WORKER_NO_EVAL") == "1"
+    stop = os.environ.get("SCALE_WORKER_STOP_AFTER_TRAIN") == "1"
 
-        def train_without_eval(job, config, workdir):
+    def train(job, config, workdir):
+        if no_eval:
             job = dataclasses.replace(job, eval_fn=None, sample_fn=None)
-            return loop.train(job, config, workdir)
+        state = loop.train(job, config, workdir)
+        if stop:
+            raise SystemExit(0)
+        return state
 
-        run.train = train_without_eval
+    run.train = train
 
 
 def main() -> None:

@@ -203,8 +203,9 @@ def test_driver_trains_every_row_once_then_resumes_only_missing_rows(tmp_path, m
 
     # Training: finetune from the teacher; CM and both GD rounds from the fine-tuned model.
     objectives = [(c["objective"], c["n"], c["steps"]) for c in stub.calls]
-    assert objectives == [("finetune", 20, 6), ("cm", 20, 6), ("gd", 16, 3), ("gd", 8, 3),
-                          ("pe_codi", 20, 6), ("codi", 20, 6)]
+    n = cfg.distill.num_grid_steps
+    assert objectives == [("finetune", n, 6), ("cm", n, 6), ("gd", 16, 3), ("gd", 8, 3),
+                          ("pe_codi", n, 6), ("codi", n, 6)]
     ft, cm, gd1, gd2 = stub.returned[0], *stub.calls[1:4]
     assert cm["finetuned"] is ft and cm["initial"] is ft and cm["teacher"] is None
     assert gd1["finetuned"] is ft and gd1["initial"] is ft and gd1["teacher"] is None
@@ -245,6 +246,12 @@ def test_driver_trains_every_row_once_then_resumes_only_missing_rows(tmp_path, m
     cfg.evaluate.num_grid_images = 2
     table1.run_table1(cfg, workdir)
     assert stub.calls == []
+    # A row's own table1 fields concern that row only (the rows before it pass the check).
+    cfg.table1.codi_steps = (1, 2, 4)
+    with pytest.raises(ValueError, match=r"codi/eval.json .*codi_steps: \[1, 4\] -> \[1, 2, 4\]"):
+        table1.run_table1(cfg, workdir)
+    assert stub.calls == []
+    cfg.table1.codi_steps = (1, 4)
     # A setting that changes results must not silently reuse old rows.
     cfg.seed = 1
     with pytest.raises(ValueError, match="different settings.*seed"):

@@ -2,8 +2,9 @@
 
 Orbax writes each step into a temporary directory and renames it only once complete, so a step
 directory that exists is complete; `restore_latest` still verifies and, if the newest checkpoint
-cannot be read (truncated or missing files), warns and falls back to the newest readable one.
-Older checkpoints are deleted by keep-N only after a newer save has finished.
+cannot be read (truncated or missing files), warns, moves it aside and falls back to the newest
+readable one. Older checkpoints are deleted by keep-N only after a newer save has finished.
+Not detected: flipped bits inside an array's data file (OCDBT stores no checksums of the values).
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ class Checkpointer:
 
     def save(self, step: int, state: PyTree, data_state: dict | None, config: dict,
              *, force: bool = False) -> bool:
+        """Saves `step` (async if configured); False if not saved.
+
+        A step already saved (or being saved) is not written again: a preemption right after a
+        periodic save at the same step, or the final save of a run that ends on a checkpoint step,
+        would otherwise fail with orbax's StepAlreadyExistsError.
+        """
+        if int(step) in self.manager.all_steps():
+            logging.info("checkpoint for step %d already in %s; not saving it again", step,
+                         self.directory)
+            return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state or {}),
@@ -50,9 +61,15 @@ class Checkpointer:
         """(step, state, data_state) of the newest complete checkpoint, or None if there is none.
 
         `abstract_state` holds jax.ShapeDtypeStruct leaves with shardings (the restore target),
-        so a checkpoint written on one mesh restores onto another.
+        so a checkpoint written on one mesh restores onto another. Checkpoints newer than the
+        restored one that cannot be read are moved to `<directory>.unreadable/` (kept, not
+        deleted): left in place, keep-N would count them and the run could never save their step
+        again. If checkpoints exist but none can be read (e.g. the config no longer matches
+        them), raises ValueError rather than silently starting over next to them.
         """
-        for step in reversed(self.all_steps()):
+        steps = self.all_steps()
+        unreadable: list[tuple[int, str]] = []
+        for step in reversed(steps):
             try:
                 restored = self.manager.restore(
                     step,
@@ -62,13 +79,42 @@ class Checkpointer:
                     ),
                 )
             except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
-                logging.warning(
-                    "checkpoint at step %d in %s is unreadable (%s: %s); trying an older one",
-                    step, self.directory, type(e).__name__, str(e).splitlines()[0][:300],
-                )
+                reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+                logging.warning("checkpoint at step %d in %s is unreadable (%s); trying an older "
+                                "one", step, self.directory, reason)
+                unreadable.append((step, reason))
                 continue
+            if unreadable:
+                self._quarantine([s for s, _ in unreadable])
             return step, restored["state"], dict(restored["data"] or {})
+        if unreadable:
+            step, reason = unreadable[0]
+            raise ValueError(
+                f"none of the checkpoints in {self.directory} (steps {steps}) can be restored "
+                f"into this run's train state (step {step}: {reason}). They are left untouched: "
+                "restore the config they were written with, or use another workdir."
+            )
         return None
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Moves unreadable step directories to `<directory>.unreadable/<step>-<n>`."""
+        target_root = self.directory + ".unreadable"
+        if jax.process_index() == 0:
+            os.makedirs(target_root, exist_ok=True)
+            for step in steps:
+                src = os.path.join(self.directory, str(step))
+                if not os.path.isdir(src):
+                    continue
+                n = 0
+                while os.path.exists(dst := os.path.join(target_root, f"{step}-{n}")):
+                    n += 1
+                os.rename(src, dst)
+                logging.warning("moved unreadable checkpoint %s to %s", src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("cdd_jax_checkpoint_quarantine")
+        self.manager.reload()
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(int(step))

@@ -241,14 +241,17 @@ def train(job: Job, config: ml_collections.ConfigDict, workdir: str) -> TrainSta
             for h in hooks:
                 h(step)
             if step % tcfg.log_every == 0 or step == tcfg.num_steps:
+                # Per-step flags of this window (not the cumulative count, which a run resumed
+                # from a "skip" run would carry): 0 marks a skipped non-finite update.
+                finite = np.asarray(jax.device_get(acc.get("finite", [])))
                 summary = {k: float(np.mean(jax.device_get(v))) for k, v in acc.items()}
                 wall = time.time() - wall0
                 summary["data_wait_fraction"] = wait_s / max(wall, 1e-9)
                 summary["nonfinite_steps"] = int(state.nonfinite_steps)
                 writer.write_scalars(step, summary)
                 acc, wait_s, wall0 = {}, 0.0, time.time()
-                if summary["nonfinite_steps"] and tcfg.nonfinite == "halt":
-                    halted = step
+                if tcfg.nonfinite == "halt" and finite.size and not finite.all():
+                    halted = (step - finite.size + 1 + int(np.argmin(finite)), step)
             if halted is not None:
                 break
             periodic(step)
@@ -271,8 +274,9 @@ def train(job: Job, config: ml_collections.ConfigDict, workdir: str) -> TrainSta
     if halted is not None:
         ckpt.close()
         raise FloatingPointError(
-            f"[{job.name}] non-finite loss or gradients at or before step {halted} "
-            f"({int(state.nonfinite_steps)} updates skipped); train.nonfinite='halt'. The last "
+            f"[{job.name}] non-finite loss or gradients at step {halted[0]} (detected at step "
+            f"{halted[1]}; {int(state.nonfinite_steps)} updates skipped, none applied); "
+            f"train.nonfinite='halt'. The last "
             f"good checkpoint in {ckpt.directory} is kept."
         )
     if int(state.step) != start_step or restored is None:

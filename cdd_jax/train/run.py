@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from typing import Callable
 
@@ -22,8 +23,9 @@ import numpy as np
 
 from cdd_jax.data.config import validate_data_config
 from cdd_jax.diffusion import get_schedule, sample
-from cdd_jax.distill.config import validate_distill_config
+from cdd_jax.distill.config import DIFFUSION_WEIGHTINGS, validate_distill_config
 from cdd_jax.distill.diffusion_loss import diffusion_loss
+from cdd_jax.distill.ema import WARMUPS as EMA_WARMUPS
 from cdd_jax.distill.objectives import compute_loss, needs_target, needs_teacher
 from cdd_jax.distill.sampling import few_step_sample
 from cdd_jax.models.conditional import ConditionalUNet, check_same_structure, init_from_teacher
@@ -47,11 +49,53 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     unet_kwargs(config.model)
     validate_data_config(config.data)
     if config.train.nonfinite not in ("skip", "halt"):
-        raise ValueError(f"train.nonfinite must be 'skip' or 'halt', got {config.train.nonfinite!r}")
+        raise ValueError(
+            f"train.nonfinite must be 'skip' or 'halt', got {config.train.nonfinite!r}")
     for key in ("num_steps", "log_every", "ckpt_every", "keep_checkpoints"):
         if int(config.train[key]) <= 0:
             raise ValueError(f"train.{key} must be positive, got {config.train[key]}")
     get_schedule(config.diffusion.schedule)
+
+    def number(key: str, lo: float, hi: float = float("inf"), *, lo_open: bool = False,
+               hi_open: bool = False, integer: bool = False) -> None:
+        section, name = key.split(".")
+        value = config[section][name]
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            raise TypeError(f"{key} must be {'an int' if integer else 'a number'}, got {value!r}")
+        if (value <= lo if lo_open else value < lo) or (value >= hi if hi_open else value > hi):
+            interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            raise ValueError(f"{key} must be in {interval}, got {value!r}")
+
+    def choice(key: str, valid: tuple) -> None:
+        section, name = key.split(".")
+        if config[section][name] not in valid:
+            raise ValueError(f"{key} must be one of {valid}, got {config[section][name]!r}")
+
+    for key in ("train.eval_every", "train.sample_every"):
+        number(key, 0, integer=True)
+    for key in ("train.sample_steps", "train.num_sample_images", "model.num_groups",
+                "model.head_dim"):
+        number(key, 1, integer=True)
+    choice("diffusion.weighting", DIFFUSION_WEIGHTINGS)
+    number("diffusion.snr_gamma", 0, lo_open=True)
+    for key in ("optim.lr", "optim.new_lr", "optim.eps"):
+        number(key, 0, lo_open=True)
+    number("optim.warmup_steps", 0, integer=True)
+    choice("optim.decay", ("cosine", "constant"))
+    number("optim.final_lr_frac", 0, 1)
+    for key in ("optim.b1", "optim.b2"):
+        number(key, 0, 1, hi_open=True)
+    for key in ("optim.weight_decay", "optim.grad_clip"):
+        number(key, 0)
+    number("ema.decay", 0, 1, hi_open=True)
+    choice("ema.warmup", EMA_WARMUPS)
+    for key in ("ema.power", "ema.inv_gamma"):
+        number(key, 0, lo_open=True)
+    sizes = [config.data.crop_size // 2**i for i in range(len(config.model.ch_mult))]
+    unused = [r for r in config.model.attn_resolutions if r not in sizes]
+    if unused:
+        logging.warning("model.attn_resolutions %s never occur at data.crop_size %d (feature "
+                        "map sizes %s): no attention there", unused, config.data.crop_size, sizes)
     depth = 2 ** (len(config.model.ch_mult) - 1)
     if config.data.crop_size % depth:
         raise ValueError(f"data.crop_size {config.data.crop_size} must be divisible by {depth} "
@@ -72,14 +116,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                             config.teacher.pretrain.data.crop_size, config.data.crop_size)
 
 
-def check_workdir(workdir: str) -> None:
-    """The workdir must be creatable and writable (checked at start, not at the first save)."""
+def check_workdir(workdir: str, probe_bytes: int = 1 << 20) -> None:
+    """The workdir must be creatable and writable (checked at start, not at the first save).
+
+    Writes and syncs `probe_bytes` (1 MiB) so that a full disk or quota fails here, and warns
+    when less than 1 GiB is free (checkpoints of large models need far more).
+    """
     try:
         os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
-            pass
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_") as f:
+            f.write(b"\0" * probe_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+        free = shutil.disk_usage(workdir).free
     except OSError as e:
         raise OSError(f"workdir {workdir!r} is not writable: {e}") from e
+    if free < 1 << 30:
+        logging.warning("workdir %r has only %.1f MiB free", workdir, free / 2**20)
 
 
 # ----------------------------------------------------------------------------------------------

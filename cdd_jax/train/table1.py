@@ -72,10 +72,19 @@ PAPER_LPIPS = {
     ("pe_codi", "ddim", 4): 0.2941,
     ("codi", "ddim", 4): 0.2656,
 }
-# Settings that do not change a row's result: a finished row is reused even if they differ.
+# The `table1` fields that determine each row's result (the other rows' fields do not).
+ROW_FIELDS = {
+    "bicubic": (),
+    "finetune": ("finetune_ddim_steps", "finetune_dpm_steps"),
+    "cm": ("cm_steps",),
+    "gd": ("gd_rounds", "gd_student_steps"),
+    "pe_codi": ("pe_codi_steps",),
+    "codi": ("codi_steps",),
+}
+# Settings that do not change a row's result, at any depth (so "train.log_every" also covers
+# "teacher.pretrain.train.log_every"): a finished row is reused even if they differ.
 _IGNORED_FOR_REUSE = (
-    "table1.rows",
-    "table1.plot_metrics",
+    "distill.objective",
     "train.log_every",
     "train.eval_every",
     "train.sample_every",
@@ -89,7 +98,6 @@ _IGNORED_FOR_REUSE = (
     "data.prefetch",
     "evaluate.num_grid_images",
     "mesh",
-    "teacher.pretrain.train",
 )
 
 
@@ -258,14 +266,20 @@ def _flat(d: Mapping, prefix: str = "") -> dict:
         if isinstance(v, Mapping):
             out.update(_flat(v, f"{prefix}{k}."))
         else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+            out[f"{prefix}{k}"] = v
     return out
 
 
-def result_settings(config: ml_collections.ConfigDict) -> dict:
-    """The flattened settings that determine a row's result (what a reused row must match)."""
-    return {k: v for k, v in _flat(config.to_dict()).items()
-            if not any(k == p or k.startswith(p + ".") for p in _IGNORED_FOR_REUSE)}
+def _ignored(key: str, row: str) -> bool:
+    if key.startswith("table1."):
+        return key.split(".", 1)[1] not in ROW_FIELDS[row]
+    return any(f".{p}." in f".{key}." for p in _IGNORED_FOR_REUSE)
+
+
+def result_settings(config: ml_collections.ConfigDict, row: str) -> dict:
+    """The flattened settings that determine `row`'s result (what a reused row must match)."""
+    flat = {k: v for k, v in _flat(config.to_dict()).items() if not _ignored(k, row)}
+    return json.loads(json.dumps(flat, default=str))  # as it reads back from eval.json
 
 
 def load_finished_row(row_dir: str, settings: dict) -> tuple[list[dict], dict] | None:
@@ -350,8 +364,16 @@ def check_claims(rows: list[dict], config: ml_collections.ConfigDict,
     return lines or ["(claims not checked: the CoDi-4 or reference rows are missing)"]
 
 
+_SHORT = {("finetune", "ddim"): "finetune", ("finetune", "dpmpp_2m"): "DPM++",
+          ("cm", "consistency"): "CM-II", ("gd", "ddim"): "GD-II", ("pe_codi", "ddim"): "PE-CoDi",
+          ("codi", "ddim"): "CoDi"}
+
+
 def _label(method: str, sampler: str, steps: int) -> str:
-    return method if sampler == "none" else f"{method} {sampler} {steps}"
+    """Short column labels for the grid, e.g. "finetune 200", "DPM++ 4", "CoDi 1"."""
+    if sampler == "none":
+        return method
+    return f"{_SHORT.get((method, sampler), f'{method} {sampler}')} {steps}"
 
 
 def write_report(config: ml_collections.ConfigDict, workdir: str, rows: list[dict],
@@ -361,7 +383,8 @@ def write_report(config: ml_collections.ConfigDict, workdir: str, rows: list[dic
     from cdd_jax.evaluate.harness import timing_device
     from cdd_jax.evaluate.report import write_results
 
-    n = min(config.evaluate.num_grid_images, eval_set["image"].shape[0])
+    n = min([config.evaluate.num_grid_images, eval_set["image"].shape[0]]
+            + [p.shape[0] for p in predictions.values()])
     t = config.table1
     legend = "\n".join(f"- `{r}`: {PAPER_NAMES[r]}" for r in t.rows)
     paper = "\n".join(f"| {m} | {s} | {k} | {v} |" for (m, s, k), v in PAPER_LPIPS.items())
@@ -398,7 +421,7 @@ def write_report(config: ml_collections.ConfigDict, workdir: str, rows: list[dic
             seen.append(ident)
     for m, s, k in seen:
         pred = predictions.get(f"{m}/{s}/{k}")
-        if pred is not None and pred.shape[0] >= n:
+        if pred is not None:
             columns[_label(m, s, k)] = pred[:n]
     columns["ground truth"] = eval_set["image"][:n]
     image_grid(columns, os.path.join(workdir, "table1_grid.png"))
@@ -440,7 +463,6 @@ def run_table1(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     validate_table1_config(config)
     rows_wanted = tuple(config.table1.rows)
     eval_set = make_table1_eval_set(config)
-    settings = result_settings(config)
     apply_fn = _cond_apply(ConditionalUNet.from_config(config.model, config.adapter))
     schedule = get_schedule(config.diffusion.schedule)
     suite = MetricSuite(config.evaluate.metrics)
@@ -454,6 +476,7 @@ def run_table1(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     predictions: dict[str, np.ndarray] = {}
     for row in rows_wanted:
         row_dir = os.path.join(workdir, row)
+        settings = result_settings(config, row)
         finished = load_finished_row(row_dir, settings)
         if finished is not None:
             logging.info("row %s: already evaluated in %s, skipped", row, row_dir)

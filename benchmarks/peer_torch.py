@@ -36,7 +36,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import VARIANTS, Bench, make_config, real_batch  # noqa: E402
+from benchmarks.common import VARIANTS, Bench, make_config, real_batch, time_calls  # noqa: E402
 
 
 def _levels(model_cfg, size: int) -> list[tuple[int, int, bool]]:
@@ -229,7 +229,7 @@ class PeerTrainStep(Bench):
         t0 = time.perf_counter()
         self.step()
         first = time.perf_counter() - t0
-        warm = self.timed_steps(warmup)
+        warm = self.timed_steps(warmup)[0]
         self.info = {
             "kind": kind,
             "variant": variant,
@@ -292,16 +292,13 @@ class PeerTrainStep(Bench):
                     self.target_params, [p.detach() for p in self.params], 1 - self.target_decay
                 )
 
-    def timed_steps(self, n: int) -> list[float]:
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            self.step()
-            out.append(time.perf_counter() - t0)
-        return out
+    def timed_steps(self, n: int) -> tuple[list[float], list[float]]:
+        """(wall, cpu) seconds of `n` steps (eager PyTorch returns when the step is done)."""
+        return time_calls(self.step, n)
 
     def run(self, n: int) -> dict[str, list[float]]:
-        return {"step": self.timed_steps(n)}
+        wall, cpu = self.timed_steps(n)
+        return {"step": wall, "step_cpu": cpu}
 
     def count_flops(self) -> float:
         """Convolution / matmul / attention FLOPs of one step (torch's FlopCounterMode)."""
@@ -310,56 +307,6 @@ class PeerTrainStep(Bench):
         with FlopCounterMode(display=False) as counter:
             self.step()
         return float(counter.get_total_flops())
-
-
-class PeerSampler(Bench):
-    """Per-call latency of K network evaluations (DDIM-like loop) of the peer networks."""
-
-    def __init__(
-        self,
-        variant: str = "default",
-        batch: int = 16,
-        steps: tuple = (1, 2, 4, 200),
-        threads: int = 0,
-    ):
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        config = make_config("codi", variant)
-        size = config.data.crop_size
-        self.net = ControlledUNet(config.model, config.adapter, size)
-        self.cond = torch.zeros(batch, 3, size, size)
-        self.steps = steps
-        self.batch = batch
-        self.sample(1)
-        self.info = {"batch": batch, "steps": list(steps)}
-
-    def sample(self, k: int):
-        import torch
-
-        z = torch.randn_like(self.cond)
-        ts = torch.linspace(1.0, 0.0, k + 1)
-        with torch.inference_mode():
-            for i in range(k):
-                t, s = ts[i], ts[i + 1]
-                a_t, s_t = _alpha_sigma(t)
-                a_s, s_s = _alpha_sigma(s)
-                v = self.net(z, torch.full((self.batch,), float(t) * 1000.0), self.cond)
-                x_hat, eps_hat = a_t * z - s_t * v, s_t * z + a_t * v
-                z = a_s * x_hat + s_s * eps_hat
-        return z
-
-    def run(self, n: int) -> dict[str, list[float]]:
-        out = {}
-        for k in self.steps:
-            ts = []
-            for _ in range(n if k < 50 else 1):
-                t0 = time.perf_counter()
-                self.sample(k)
-                ts.append(time.perf_counter() - t0)
-            out[f"K{k}"] = ts
-        return out
 
 
 def main() -> None:
@@ -372,7 +319,9 @@ def main() -> None:
     args = p.parse_args()
     bench = PeerTrainStep(args.kind, args.variant)
     print({k: v for k, v in bench.info.items()})
-    print("steps (s):", [round(x, 3) for x in bench.run(args.steps)["step"]])
+    res = bench.run(args.steps)
+    print("steps wall (s):", [round(x, 3) for x in res["step"]])
+    print("steps cpu (s):", [round(x, 3) for x in res["step_cpu"]])
 
 
 if __name__ == "__main__":

@@ -91,12 +91,10 @@ class SamplerBench(common.Bench):
         out = {}
         for name, fn in self.fns.items():
             reps = 1 if name.startswith("teacher") else n
-            ts = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn(self.params, self.cond, self.rng).block_until_ready()
-                ts.append(time.perf_counter() - t0)
-            out[name] = ts
+            wall, cpu = common.time_calls(
+                lambda fn=fn: fn(self.params, self.cond, self.rng).block_until_ready(), reps
+            )
+            out[name], out[name + "_cpu"] = wall, cpu
         return out
 
 
@@ -135,32 +133,38 @@ def main() -> None:
     teacher = f"teacher_{args.teacher_steps}"
     rows, results = [], {}
     for w in workers:
+        times = res["times"][w.name]
         per = {}
-        for name, ts in res["times"][w.name].items():
-            med = statistics.median(ts)
+        for name in (n for n in times if not n.endswith("_cpu")):
+            wall = statistics.median(times[name])
+            cpu = statistics.median(times[name + "_cpu"])
             per[name] = {
-                **common.summarize(ts),
-                "per_image_ms": 1e3 * med / args.batch,
+                "wall": common.summarize(times[name]),
+                "cpu": common.summarize(times[name + "_cpu"]),
+                "per_image_ms": 1e3 * wall / args.batch,
+                "per_image_cpu_ms": 1e3 * cpu / args.batch,
                 "compile_s": w.info["compile_s"][name],
                 "flops_per_call": w.info["flops_per_call"][name],
             }
-        t_img = per[teacher]["per_image_ms"]
         for name, r in per.items():
-            r["speedup_vs_teacher"] = t_img / r["per_image_ms"]
+            r["speedup_vs_teacher"] = per[teacher]["per_image_ms"] / r["per_image_ms"]
+            r["speedup_vs_teacher_cpu"] = per[teacher]["per_image_cpu_ms"] / r["per_image_cpu_ms"]
             rows.append(
                 [
                     w.name,
                     name,
                     r["compile_s"],
-                    1e3 * r["median_s"],
                     r["per_image_ms"],
+                    r["per_image_cpu_ms"],
                     r["speedup_vs_teacher"],
-                    r["n"],
+                    r["speedup_vs_teacher_cpu"],
+                    r["wall"]["n"],
                 ]
             )
         results[w.name] = per
     main_res = results["cdd_jax"]
     ratio = main_res[teacher]["per_image_ms"] / main_res["student_K4"]["per_image_ms"]
+    ratio_cpu = main_res[teacher]["per_image_cpu_ms"] / main_res["student_K4"]["per_image_cpu_ms"]
     machine_end = common.machine_info()
     payload = {
         "benchmark": "sampling",
@@ -172,7 +176,12 @@ def main() -> None:
         "args": vars(args),
         "results": results,
         "raw_times": res["times"],
-        "target": {"K4_vs_teacher_speedup": ratio, "required": 40.0, "met": ratio >= 40.0},
+        "target": {
+            "K4_vs_teacher_speedup": ratio,
+            "K4_vs_teacher_speedup_cpu": ratio_cpu,
+            "required": 40.0,
+            "met": ratio >= 40.0,
+        },
         "worker_info": {w.name: w.info for w in workers},
     }
     md = [
@@ -188,16 +197,18 @@ def main() -> None:
                 "process",
                 "sampler",
                 "compile s",
-                "batch ms",
-                "ms / image",
-                "speed-up vs teacher",
+                "ms / image (wall)",
+                "CPU ms / image",
+                "speed-up vs teacher (wall)",
+                "speed-up (CPU)",
                 "calls",
             ],
             rows,
         ),
         "",
         f"**Target**: 4-step student >= 40x faster per image than the {args.teacher_steps}-step "
-        f"teacher: measured {ratio:.1f}x ({'met' if ratio >= 40 else 'MISSED'}).",
+        f"teacher: measured {ratio:.1f}x in wall time, {ratio_cpu:.1f}x in CPU time "
+        f"({'met' if ratio >= 40 else 'MISSED'}).",
     ]
     print("\n".join(md))
     common.write_results("sampling", payload, "\n".join(md), args.out_dir)

@@ -4,6 +4,10 @@
     python -m cdd_jax.main --config=configs/pretrain.py:tiny --workdir=/tmp/t --config.train.num_steps=10
 """
 
+import difflib
+import runpy
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -25,6 +29,44 @@ flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-h
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _override_hints(argv: list[str]) -> list[str]:
+    """Close matches for `--config.a.b=` overrides that name no key of the config file."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None:
+        return []
+    file, _, variant = path.partition(":")
+    try:
+        config = runpy.run_path(file)["get_config"](variant or None)
+    except Exception:  # noqa: BLE001 - the hint is best effort; the error itself is printed
+        return []
+    hints = []
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        node, prefix = config, ""
+        for part in arg[len("--config."):].split("=", 1)[0].split("."):
+            if not hasattr(node, "keys") or part not in node:
+                close = difflib.get_close_matches(part, list(node.keys()) if hasattr(
+                    node, "keys") else [], n=3)
+                hint = f"unknown config key {prefix + part!r}"
+                if close:
+                    hint += "; did you mean " + ", ".join(prefix + c for c in close) + "?"
+                hints.append(hint)
+                break
+            node, prefix = node[part], prefix + part + "."
+    return hints
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with a one-line error (and close matches) instead of a traceback."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        hints = _override_hints(argv)
+        print(f"error: {hints[0] if hints else e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}")
@@ -42,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

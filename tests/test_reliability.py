@@ -168,39 +168,50 @@ def _compile_once(tmp_path_factory):
     cc.reset_cache()
 
 
-def test_resume_is_exact_and_nan_batches_are_skipped(tmp_path, monkeypatch, caplog):
-    # Checkpoints after every step; batch 5 is all NaN (a corrupt batch).
-    config = _config(ckpt_every=1, keep_checkpoints=10)
+POISONED_BATCH = 4  # batch 5 is all NaN (a corrupt batch): update 5 must be skipped
 
-    def job():
-        return _job(config, poison_batch=4)
 
-    ref_wd = str(tmp_path / "ref")
-    ref = loop.train(job(), config, ref_wd)
+def _resume_config():
+    return _config(ckpt_every=1, keep_checkpoints=10)  # a checkpoint after every step
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """The uninterrupted 6-step run: (final state, workdir)."""
+    config = _resume_config()
+    wd = str(tmp_path_factory.mktemp("reference") / "wd")
+    state = loop.train(_job(config, poison_batch=POISONED_BATCH), config, wd)
+    return state, wd
+
+
+def test_nan_batch_is_skipped_and_counted(reference_run):
+    ref, wd = reference_run
     assert int(ref.step) == 6 and int(ref.nonfinite_steps) == 1
-
-    # The NaN update 5 is skipped and counted: params, EMA and optimiser state unchanged.
-    s4, s5, s6 = (_restore_items(ref_wd, s)["state"] for s in (4, 5, 6))
+    s4, s5, s6 = (_restore_items(wd, s)["state"] for s in (4, 5, 6))
     assert int(s4["nonfinite_steps"]) == 0 and int(s5["nonfinite_steps"]) == 1
     for key in ("params", "ema_params", "opt_state"):
-        _assert_trees_equal(s5[key], s4[key])
+        _assert_trees_equal(s5[key], s4[key])  # update 5 changed nothing
         assert not _trees_equal(s6[key], s5[key]), key  # training goes on at step 6
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(s6["params"]))
 
+
+def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, monkeypatch, reference_run):
+    ref, _ = reference_run
+    config = _resume_config()
     # A real SIGTERM arrives while the batch of step 3 is fetched: the loop finishes step 3,
     # whose periodic checkpoint is also the preemption checkpoint (saved once), and exits 0.
     wd = str(tmp_path / "run")
     with monkeypatch.context() as m:
         calls = _sigterm_while_fetching(m, call=3)
         with pytest.raises(SystemExit) as stopped:
-            loop.train(job(), config, wd)
+            loop.train(_job(config, poison_batch=POISONED_BATCH), config, wd)
     assert stopped.value.code == 0 and calls["n"] == 3
     assert _steps(wd) == [1, 2, 3]
     saved = _restore_items(wd, 3)
     assert int(saved["state"]["step"]) == 3
     # The checkpoint holds the data-iterator position after exactly 3 batches.
     it = make_train_iterator(
-        job().make_dataset(0, 1),
+        _job(config, poison_batch=POISONED_BATCH).make_dataset(0, 1),
         config.data.num_workers,
         config.data.prefetch,
         read_threads=config.data.read_threads,
@@ -210,17 +221,25 @@ def test_resume_is_exact_and_nan_batches_are_skipped(tmp_path, monkeypatch, capl
     assert saved["data"] == json.loads(json.dumps(it.get_state()))
 
     # Started again, it ends bit-identical to the uninterrupted run (NaN step included).
-    resumed = loop.train(job(), config, wd)
+    resumed = loop.train(_job(config, poison_batch=POISONED_BATCH), config, wd)
     assert int(resumed.step) == 6 and int(resumed.nonfinite_steps) == 1
     _assert_trees_equal(resumed.ema_params, ref.ema_params)
     _assert_trees_equal(resumed.params, ref.params)
     _assert_trees_equal(resumed.opt_state, ref.opt_state)
 
-    # Break the newest checkpoint (truncated array index): the run warns, moves it aside,
-    # restores step 5, redoes step 6 and saves it again; the result is unchanged.
+
+def test_broken_newest_checkpoint_is_set_aside_and_the_run_redone_exactly(
+    tmp_path, caplog, reference_run
+):
+    """The finished run's newest checkpoint loses its array index: the run warns, moves it to
+    checkpoints.unreadable/, restores step 5, redoes step 6 and saves it again, unchanged."""
+    ref, ref_wd = reference_run
+    config = _resume_config()
+    wd = str(tmp_path / "wd")
+    shutil.copytree(ref_wd, wd)
     os.truncate(os.path.join(wd, "checkpoints", "6", "state", "manifest.ocdbt"), 7)
     with caplog.at_level(logging.INFO):
-        again = loop.train(job(), config, wd)
+        again = loop.train(_job(config, poison_batch=POISONED_BATCH), config, wd)
     assert re.search(r"checkpoint at step 6 .* is unreadable", caplog.text)
     assert "resumed from step 5" in caplog.text
     _assert_trees_equal(again.ema_params, ref.ema_params)
@@ -454,11 +473,6 @@ def test_mistyped_key_and_bad_mesh_fail_before_compilation(tmp_path, monkeypatch
         loop.train(job, config, str(tmp_path / "b"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="absl/ml_collections raise AttributeError with a deep "
-    "traceback during flag parsing; needs a flags_parser in cdd_jax/main.py",
-)
 def test_mistyped_key_on_the_command_line_is_a_clean_message(tmp_path):
     proc = subprocess.run(
         [

@@ -96,6 +96,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if unused:
         logging.warning("model.attn_resolutions %s never occur at data.crop_size %d (feature "
                         "map sizes %s): no attention there", unused, config.data.crop_size, sizes)
+    # Mesh and batch against the devices present: clear errors naming the numbers, before any
+    # data is loaded or anything compiles (building a Mesh object compiles nothing).
+    from cdd_jax.parallel.mesh import check_batch_divisible, make_mesh
+
+    check_batch_divisible(config.data.batch_size, make_mesh(config.mesh), jax.process_count())
     depth = 2 ** (len(config.model.ch_mult) - 1)
     if config.data.crop_size % depth:
         raise ValueError(f"data.crop_size {config.data.crop_size} must be divisible by {depth} "

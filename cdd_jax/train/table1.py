@@ -132,16 +132,27 @@ def validate_table1_config(config: ml_collections.ConfigDict) -> None:
     unknown = [r for r in rows if r not in ROWS]
     if unknown or not rows or len(set(rows)) != len(rows):
         raise ValueError(f"table1.rows must be distinct names from {ROWS}, got {rows!r}")
-    for name in ("finetune_ddim_steps", "finetune_dpm_steps", "cm_steps", "pe_codi_steps",
-                 "codi_steps", "gd_rounds", "gd_student_steps"):
+    for name in (
+        "finetune_ddim_steps",
+        "finetune_dpm_steps",
+        "cm_steps",
+        "pe_codi_steps",
+        "codi_steps",
+        "gd_rounds",
+        "gd_student_steps",
+    ):
         _positive_ints(name, t[name])
     if "gd" in rows and config.train.num_steps < t.gd_rounds:
-        raise ValueError(f"train.num_steps {config.train.num_steps} leaves no step for each of "
-                         f"table1.gd_rounds={t.gd_rounds} GD rounds")
+        raise ValueError(
+            f"train.num_steps {config.train.num_steps} leaves no step for each of "
+            f"table1.gd_rounds={t.gd_rounds} GD rounds"
+        )
     missing = [m for m in t.plot_metrics if m not in config.evaluate.metrics]
     if missing or not t.plot_metrics:
-        raise ValueError(f"table1.plot_metrics {tuple(t.plot_metrics)!r} must be a non-empty "
-                         f"subset of evaluate.metrics {tuple(config.evaluate.metrics)!r}")
+        raise ValueError(
+            f"table1.plot_metrics {tuple(t.plot_metrics)!r} must be a non-empty "
+            f"subset of evaluate.metrics {tuple(config.evaluate.metrics)!r}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,9 +160,13 @@ def validate_table1_config(config: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def row_config(config: ml_collections.ConfigDict, objective: str, *,
-               num_grid_steps: int | None = None, num_steps: int | None = None
-               ) -> ml_collections.ConfigDict:
+def row_config(
+    config: ml_collections.ConfigDict,
+    objective: str,
+    *,
+    num_grid_steps: int | None = None,
+    num_steps: int | None = None,
+) -> ml_collections.ConfigDict:
     """A copy of `config` training `objective` (and, for GD, one round's N and step budget)."""
     cfg = config.copy_and_resolve_references()
     cfg.stage = "sr"
@@ -179,18 +194,27 @@ def finished_params(run_dir: str, num_steps: int) -> PyTree | None:
     return params if meta.get("step") == num_steps else None
 
 
-def train_row(cfg: ml_collections.ConfigDict, run_dir: str, *, teacher: Callable[[], PyTree],
-              eval_set: dict, finetuned: PyTree = None, initial: PyTree = None) -> PyTree:
+def train_row(
+    cfg: ml_collections.ConfigDict,
+    run_dir: str,
+    *,
+    teacher: Callable[[], PyTree],
+    eval_set: dict,
+    finetuned: PyTree = None,
+    initial: PyTree = None,
+) -> PyTree:
     """EMA params of `cfg.distill.objective` trained in `run_dir`, reusing a finished run."""
     done = finished_params(run_dir, cfg.train.num_steps)
     if done is not None:
         logging.info("reusing the finished run in %s", run_dir)
         return done
-    logging.info("training %s in %s (%d steps)", cfg.distill.objective, run_dir,
-                 cfg.train.num_steps)
+    logging.info(
+        "training %s in %s (%d steps)", cfg.distill.objective, run_dir, cfg.train.num_steps
+    )
     teacher_params = None if initial is not None else teacher()
-    params, _, _ = distill(cfg, run_dir, teacher_params, eval_set, finetuned_params=finetuned,
-                           initial_params=initial)
+    params, _, _ = distill(
+        cfg, run_dir, teacher_params, eval_set, finetuned_params=finetuned, initial_params=initial
+    )
     return params
 
 
@@ -200,19 +224,25 @@ def gd_plan(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
     total = int(config.train.num_steps)
     per_round = [total // t.gd_rounds] * t.gd_rounds
     per_round[-1] += total - sum(per_round)  # the remainder goes to the last round
-    return [(t.gd_student_steps * 2 ** (t.gd_rounds - r), per_round[r])
-            for r in range(t.gd_rounds)]
+    return [(t.gd_student_steps * 2 ** (t.gd_rounds - r), per_round[r]) for r in range(t.gd_rounds)]
 
 
-def train_gd(config: ml_collections.ConfigDict, row_dir: str, *, teacher: Callable[[], PyTree],
-             eval_set: dict, finetuned: PyTree) -> PyTree:
+def train_gd(
+    config: ml_collections.ConfigDict,
+    row_dir: str,
+    *,
+    teacher: Callable[[], PyTree],
+    eval_set: dict,
+    finetuned: PyTree,
+) -> PyTree:
     """GD-II: each round's student starts from, and distils, the previous round's model."""
     model = finetuned
     for r, (n_teacher, steps) in enumerate(gd_plan(config)):
         cfg = row_config(config, "gd", num_grid_steps=n_teacher, num_steps=steps)
         run_dir = os.path.join(row_dir, f"round{r + 1}_N{n_teacher}")
-        model = train_row(cfg, run_dir, teacher=teacher, eval_set=eval_set, finetuned=model,
-                          initial=model)
+        model = train_row(
+            cfg, run_dir, teacher=teacher, eval_set=eval_set, finetuned=model, initial=model
+        )
     return model
 
 
@@ -221,8 +251,9 @@ def train_gd(config: ml_collections.ConfigDict, row_dir: str, *, teacher: Callab
 # ----------------------------------------------------------------------------------------------
 
 
-def row_methods(config: ml_collections.ConfigDict, row: str, params: PyTree, apply_fn,
-                schedule) -> dict:
+def row_methods(
+    config: ml_collections.ConfigDict, row: str, params: PyTree, apply_fn, schedule
+) -> dict:
     """{key: MethodSpec} of the samplers and step counts evaluated for `row`."""
     from cdd_jax.evaluate.harness import MethodSpec, bicubic_method
 
@@ -244,19 +275,24 @@ def row_methods(config: ml_collections.ConfigDict, row: str, params: PyTree, app
         raise ValueError(f"unknown table1 row {row!r}; valid: {ROWS}")
     methods = {}
     for sampler, k in plan:
+        kw = dict(schedule=schedule, num_steps=k, grid=grid)
         if sampler == "consistency":
-            fn = jax.jit(lambda cond, rng, k=k: consistency_sample(
-                apply_fn, params, cond, rng, schedule=schedule, num_steps=k,
-                cm_cfg=config.distill.cm, grid=grid))
+            fn = jax.jit(
+                lambda p, cond, rng, kw=kw: consistency_sample(
+                    apply_fn, p, cond, rng, cm_cfg=config.distill.cm, **kw
+                )
+            )
         elif row == "finetune":
-            fn = jax.jit(lambda cond, rng, k=k, s=sampler: teacher_sample(
-                apply_fn, params, cond, rng, schedule=schedule, num_steps=k, sampler=s,
-                grid=grid))
+            fn = jax.jit(
+                lambda p, cond, rng, kw=kw, s=sampler: teacher_sample(
+                    apply_fn, p, cond, rng, sampler=s, **kw
+                )
+            )
         else:
-            fn = jax.jit(lambda cond, rng, k=k: few_step_sample(
-                apply_fn, params, cond, rng, schedule=schedule, num_steps=k, grid=grid))
-        methods[f"{row}/{sampler}/{k}"] = MethodSpec(row, sampler, int(k),
-                                                     lambda cond, lq, rng, fn=fn: fn(cond, rng))
+            fn = jax.jit(lambda p, cond, rng, kw=kw: few_step_sample(apply_fn, p, cond, rng, **kw))
+        methods[f"{row}/{sampler}/{k}"] = MethodSpec(
+            row, sampler, int(k), lambda cond, lq, rng, fn=fn: fn(params, cond, rng)
+        )
     return methods
 
 
@@ -309,8 +345,9 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.replace(tmp, path)
 
 
-def save_row(row_dir: str, rows: list[dict], predictions: Mapping[str, np.ndarray],
-             settings: dict) -> None:
+def save_row(
+    row_dir: str, rows: list[dict], predictions: Mapping[str, np.ndarray], settings: dict
+) -> None:
     """Predictions first, then eval.json (its presence marks the row finished)."""
     os.makedirs(row_dir, exist_ok=True)
 
@@ -333,14 +370,14 @@ def save_row(row_dir: str, rows: list[dict], predictions: Mapping[str, np.ndarra
 
 def _value(rows, method, sampler, steps, metric):
     for r in rows:
-        if (r["method"], r["sampler"], r["steps"], r["metric"]) == (method, sampler, steps,
-                                                                     metric):
+        if (r["method"], r["sampler"], r["steps"], r["metric"]) == (method, sampler, steps, metric):
             return r["value"]
     return None
 
 
-def check_claims(rows: list[dict], config: ml_collections.ConfigDict,
-                 metric: str = "lpips_alex") -> list[str]:
+def check_claims(
+    rows: list[dict], config: ml_collections.ConfigDict, metric: str = "lpips_alex"
+) -> list[str]:
     """The paper's two claims on this run's `metric` (lower is better), one line each."""
     if not any(r["metric"] == metric for r in rows):
         return [f"(claims not checked: no {metric} in this run)"]
@@ -350,12 +387,19 @@ def check_claims(rows: list[dict], config: ml_collections.ConfigDict,
     codi = _value(rows, "codi", "ddim", 4, metric)
     if ref is not None and codi is not None:
         rel = codi / ref - 1.0
-        lines.append(f"CoDi-4 {metric} {codi:.4f} vs fine-tuned DDIM-{ref_steps} {ref:.4f}: "
-                     f"{100 * rel:+.1f}% ({'within' if rel <= 0.05 else 'NOT within'} 5%; "
-                     "paper: +0.6% vs 250 steps)")
+        lines.append(
+            f"CoDi-4 {metric} {codi:.4f} vs fine-tuned DDIM-{ref_steps} {ref:.4f}: "
+            f"{100 * rel:+.1f}% ({'within' if rel <= 0.05 else 'NOT within'} 5%; "
+            "paper: +0.6% vs 250 steps)"
+        )
     if codi is not None:
-        others = [(m, s) for m, s in (("finetune", "ddim"), ("finetune", "dpmpp_2m"),
-                                      ("cm", "consistency"), ("gd", "ddim"), ("pe_codi", "ddim"))]
+        others = (
+            ("finetune", "ddim"),
+            ("finetune", "dpmpp_2m"),
+            ("cm", "consistency"),
+            ("gd", "ddim"),
+            ("pe_codi", "ddim"),
+        )
         for m, s in others:
             v = _value(rows, m, s, 4, metric)
             if v is not None:
@@ -364,9 +408,14 @@ def check_claims(rows: list[dict], config: ml_collections.ConfigDict,
     return lines or ["(claims not checked: the CoDi-4 or reference rows are missing)"]
 
 
-_SHORT = {("finetune", "ddim"): "finetune", ("finetune", "dpmpp_2m"): "DPM++",
-          ("cm", "consistency"): "CM-II", ("gd", "ddim"): "GD-II", ("pe_codi", "ddim"): "PE-CoDi",
-          ("codi", "ddim"): "CoDi"}
+_SHORT = {
+    ("finetune", "ddim"): "finetune",
+    ("finetune", "dpmpp_2m"): "DPM++",
+    ("cm", "consistency"): "CM-II",
+    ("gd", "ddim"): "GD-II",
+    ("pe_codi", "ddim"): "PE-CoDi",
+    ("codi", "ddim"): "CoDi",
+}
 
 
 def _label(method: str, sampler: str, steps: int) -> str:
@@ -376,15 +425,22 @@ def _label(method: str, sampler: str, steps: int) -> str:
     return f"{_SHORT.get((method, sampler), f'{method} {sampler}')} {steps}"
 
 
-def write_report(config: ml_collections.ConfigDict, workdir: str, rows: list[dict],
-                 predictions: Mapping[str, np.ndarray], eval_set: dict) -> dict[str, str]:
+def write_report(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    rows: list[dict],
+    predictions: Mapping[str, np.ndarray],
+    eval_set: dict,
+) -> dict[str, str]:
     """table1.json / .md, the quality-versus-NFE plot and the image grid; returns their paths."""
     from cdd_jax.evaluate.figures import image_grid, plot_quality_vs_nfe
     from cdd_jax.evaluate.harness import timing_device
     from cdd_jax.evaluate.report import write_results
 
-    n = min([config.evaluate.num_grid_images, eval_set["image"].shape[0]]
-            + [p.shape[0] for p in predictions.values()])
+    n = min(
+        [config.evaluate.num_grid_images, eval_set["image"].shape[0]]
+        + [p.shape[0] for p in predictions.values()]
+    )
     t = config.table1
     legend = "\n".join(f"- `{r}`: {PAPER_NAMES[r]}" for r in t.rows)
     paper = "\n".join(f"| {m} | {s} | {k} | {v} |" for (m, s, k), v in PAPER_LPIPS.items())
@@ -406,13 +462,21 @@ def write_report(config: ml_collections.ConfigDict, workdir: str, rows: list[dic
     out = {}
     if jax.process_index() != 0:
         return out
-    out["json"], out["md"] = write_results(rows, workdir, "Table 1 at small scale: 4x "
-                                           "real-world super-resolution", stem="table1",
-                                           notes=notes)
+    out["json"], out["md"] = write_results(
+        rows,
+        workdir,
+        "Table 1 at small scale: 4x real-world super-resolution",
+        stem="table1",
+        notes=notes,
+    )
     metrics = [m for m in t.plot_metrics if any(r["metric"] == m for r in rows)]
     if metrics:
-        out["plot"] = plot_quality_vs_nfe(rows, os.path.join(workdir, "table1_quality_vs_nfe.png"),
-                                          metrics, title="Quality against network evaluations")
+        out["plot"] = plot_quality_vs_nfe(
+            rows,
+            os.path.join(workdir, "table1_quality_vs_nfe.png"),
+            metrics,
+            title="Quality against network evaluations",
+        )
     columns = {"LQ input": eval_set["lq"][:n]}
     seen = []
     for r in rows:  # first-seen order of (method, sampler, steps), as in the table
@@ -450,8 +514,11 @@ def make_table1_eval_set(config: ml_collections.ConfigDict) -> dict:
     from cdd_jax.data.degradations import SRPairTransform
     from cdd_jax.data.pipeline import make_eval_set
 
-    return make_eval_set(config.data, task="sr",
-                         sr_transform=SRPairTransform(config.degradation, config.data.crop_size))
+    return make_eval_set(
+        config.data,
+        task="sr",
+        sr_transform=SRPairTransform(config.degradation, config.data.crop_size),
+    )
 
 
 def run_table1(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
@@ -469,9 +536,14 @@ def run_table1(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     n_keep = config.evaluate.num_grid_images
 
     teacher = _lazy(lambda: get_teacher(config, workdir))
-    finetuned = _lazy(lambda: train_row(row_config(config, "finetune"),
-                                        os.path.join(workdir, "finetune"), teacher=teacher,
-                                        eval_set=eval_set))
+    finetuned = _lazy(
+        lambda: train_row(
+            row_config(config, "finetune"),
+            os.path.join(workdir, "finetune"),
+            teacher=teacher,
+            eval_set=eval_set,
+        )
+    )
     all_rows: list[dict] = []
     predictions: dict[str, np.ndarray] = {}
     for row in rows_wanted:
@@ -487,18 +559,31 @@ def run_table1(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             elif row == "finetune":
                 params = finetuned()
             elif row == "gd":
-                params = train_gd(config, row_dir, teacher=teacher, eval_set=eval_set,
-                                  finetuned=finetuned())
+                params = train_gd(
+                    config, row_dir, teacher=teacher, eval_set=eval_set, finetuned=finetuned()
+                )
             elif row == "cm":  # the student starts from its teacher, the fine-tuned model
-                params = train_row(row_config(config, row), row_dir, teacher=teacher,
-                                   eval_set=eval_set, finetuned=finetuned(), initial=finetuned())
+                params = train_row(
+                    row_config(config, row),
+                    row_dir,
+                    teacher=teacher,
+                    eval_set=eval_set,
+                    finetuned=finetuned(),
+                    initial=finetuned(),
+                )
             else:
-                params = train_row(row_config(config, row), row_dir, teacher=teacher,
-                                   eval_set=eval_set)
+                params = train_row(
+                    row_config(config, row), row_dir, teacher=teacher, eval_set=eval_set
+                )
             methods = row_methods(config, row, params, apply_fn, schedule)
-            results = evaluate_methods(methods, eval_set, suite,
-                                       batch_size=config.evaluate.batch_size,
-                                       rng_seed=config.seed, keep_predictions=n_keep)
+            results = evaluate_methods(
+                methods,
+                eval_set,
+                suite,
+                batch_size=config.evaluate.batch_size,
+                rng_seed=config.seed,
+                keep_predictions=n_keep,
+            )
             rows, preds = list(results), dict(results.predictions)
             if jax.process_index() == 0:
                 save_row(row_dir, rows, preds, settings)

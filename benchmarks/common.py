@@ -379,7 +379,7 @@ def codi_job(config):
     from cdd_jax.train.run import _cond_apply
 
     dcfg = config.distill
-    model = ConditionalUNet.from_config(config.model, config.adapter)
+    model = ConditionalUNet.from_config(config.model, config.adapter, config.diffusion.schedule)
     apply_fn = _cond_apply(model)
     schedule = get_schedule(config.diffusion.schedule)
     cond0 = jnp.zeros((1, config.data.crop_size, config.data.crop_size, 3))

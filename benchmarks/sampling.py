@@ -47,7 +47,7 @@ class SamplerBench(common.Bench):
 
         config = common.make_config("codi", variant)
         size = config.data.crop_size
-        model = ConditionalUNet.from_config(config.model, config.adapter)
+        model = ConditionalUNet.from_config(config.model, config.adapter, config.diffusion.schedule)
         apply_fn = _cond_apply(model)
         schedule = get_schedule(config.diffusion.schedule)
         cond0 = jnp.zeros((1, size, size, 3))

@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cdd_jax.diffusion import get_schedule
 from cdd_jax.models.conditional import (
+    lowpass,
     ConditionalUNet,
     adapter_config,
     init_from_teacher,
@@ -145,3 +147,49 @@ def test_condition_shape_mismatch_is_a_clear_error(teacher):
     z = jnp.zeros((2, 16, 16, 3))
     with pytest.raises(ValueError, match="condition must be an NHWC image"):
         cmodel.init(jax.random.key(0), z, jnp.zeros((2,)), jnp.zeros((2, 4, 4, 3)))
+
+
+def test_lowpass_keeps_constants_and_rejects_bad_sizes():
+    x = jnp.full((2, 16, 16, 3), 0.3)
+    np.testing.assert_allclose(lowpass(x, 4), x, atol=1e-6)
+    with pytest.raises(ValueError, match="not divisible by factor 4"):
+        lowpass(jnp.zeros((1, 18, 16, 3)), 4)
+
+
+def test_low_frequency_anchor_matches_its_formula(teacher):
+    """x_hat' = x_hat + gamma_t (lp(c) - lp(x_hat)), gamma_t = p s^2 / (p s^2 + a^2), computed
+    here from the un-anchored network's output; p = 0 is exactly the paper's network."""
+    cfg, _, _, t_params = teacher
+    acfg = adapter_config()
+    acfg.cond_embed_ch = (8,)
+    plain = ConditionalUNet.from_config(cfg, acfg)
+    acfg.anchor_precision = 4.0
+    anchored = ConditionalUNet.from_config(cfg, acfg, "cosine")
+    z = jax.random.normal(jax.random.key(4), (3, 16, 16, 3))
+    c = jax.random.normal(jax.random.key(5), (3, 16, 16, 3))
+    t = jnp.array([0.05, 0.5, 1.0])
+    fresh = nn.meta.unbox(plain.init(jax.random.key(6), z, t, c)["params"])
+    params = init_from_teacher(fresh, t_params)
+    v = plain.apply({"params": params}, z, t, c)
+    v_anchored = anchored.apply({"params": params}, z, t, c)
+    a, s = (np.asarray(u).reshape(-1, 1, 1, 1) for u in get_schedule("cosine").alpha_sigma(t))
+    x = a * np.asarray(z) - s * np.asarray(v)
+    gamma = 4.0 * s**2 / (4.0 * s**2 + a**2)
+    want = x + gamma * (np.asarray(lowpass(c, 4)) - np.asarray(lowpass(jnp.asarray(x), 4)))
+    got = a * np.asarray(z) - s * np.asarray(v_anchored)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert float(np.abs(got - x).max()) > 1e-2  # the anchor really changed the prediction
+    # At t = 1 the condition's low frequencies replace the network's almost entirely (gamma ~ 1).
+    assert gamma[2].item() > 0.999 and gamma[0].item() < 0.05
+
+
+def test_anchor_config_errors(teacher):
+    cfg, _, _, _ = teacher
+    acfg = adapter_config()
+    acfg.anchor_precision = -1.0
+    with pytest.raises(ValueError, match="anchor_precision must be >= 0"):
+        ConditionalUNet.from_config(cfg, acfg)
+    acfg.anchor_precision = 1.0
+    acfg.anchor_factor = 0
+    with pytest.raises(ValueError, match="anchor_factor must be a positive int"):
+        ConditionalUNet.from_config(cfg, acfg)

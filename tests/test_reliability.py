@@ -1,6 +1,7 @@
 """Reliability (issue 8): preemption, broken checkpoints, non-finite steps and bad inputs.
 
-What is proved here, on the tiny pretraining configuration:
+What is proved here, on the real pretraining job with the tiny configuration (in-process runs
+use a one-level U-Net, see `_config`; the command-line runs use the tiny U-Net itself):
 - resume is exact: a run stopped by a real SIGTERM (and a run whose newest checkpoint is broken)
   ends with bit-identical parameters and EMA parameters to an uninterrupted run. Bit-identical,
   not merely close: the restart compiles the same XLA program for the same devices, Orbax
@@ -14,7 +15,8 @@ What is proved here, on the tiny pretraining configuration:
   an error naming the step, keeping the last good checkpoint;
 - bad inputs fail early with messages naming the offending key, file or path.
 The slow part runs `python -m cdd_jax.main` in subprocesses: SIGTERM, then restart; and a seeded
-chaos test that SIGKILLs the run at random moments and restarts it each time.
+chaos test that SIGKILLs the run at random moments and restarts it each time. Known gap: bits
+flipped inside an array data file are not detected (OCDBT keeps no checksums of the values).
 """
 
 from __future__ import annotations
@@ -62,8 +64,12 @@ WORKER = Path(__file__).with_name("chaos_worker.py")
 
 
 def _config(**train):
-    """The tiny pretraining config (6 steps, checkpoints every 3), with `train` overrides."""
+    """The tiny pretraining config (6 steps) with `train` overrides and a one-level U-Net without
+    attention: what is tested here does not depend on the network, and this one compiles ~2.4x
+    faster than the tiny U-Net (46 s vs 111 s of CPU on this machine)."""
     config = presets.pretrain_config("tiny")
+    config.model.ch_mult = (1,)
+    config.model.attn_resolutions = ()
     for key, value in train.items():
         config.train[key] = value
     validate_config(config)
@@ -458,6 +464,26 @@ def test_out_of_range_config_values_fail_before_anything_runs(
     assert not wd.exists()  # validated before the workdir is even created
 
 
+SR_BAD_VALUES = [
+    ("adapter.anchor_precision", -1.0, r"adapter.anchor_precision must be in \[0"),
+    ("adapter.anchor_factor", 2, "adapter.anchor_factor 2 must equal degradation.scale 4"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", SR_BAD_VALUES, ids=[b[0] for b in SR_BAD_VALUES])
+def test_out_of_range_sr_config_values_fail_before_anything_runs(
+    tmp_path, monkeypatch, key, value, message
+):
+    monkeypatch.setattr(loop, "train", lambda *a: pytest.fail("training started"))
+    config = presets.sr_config("tiny")
+    section, name = key.split(".")
+    config[section][name] = value
+    wd = tmp_path / "wd"
+    with pytest.raises(ValueError, match=message):
+        cdd_jax.train_and_evaluate(config, str(wd))
+    assert not wd.exists()
+
+
 def test_mistyped_key_and_bad_mesh_fail_before_compilation(tmp_path, monkeypatch):
     config = presets.pretrain_config("tiny")
     config.train.num_step = 5
@@ -615,7 +641,7 @@ def test_configs_that_differ_between_hosts_are_refused(monkeypatch):
 CLI_FLAGS = (
     "--config.train.num_steps=40",
     "--config.train.ckpt_every=4",
-    "--config.train.log_every=4",
+    "--config.train.log_every=1",  # a progress line per step: the chaos test kills by step
     "--config.train.keep_checkpoints=2",
     "--config.train.async_checkpoints=True",
     "--config.train.eval_every=0",
@@ -697,28 +723,37 @@ def test_cli_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, cli_re
     print(f"\nSIGTERM at step {stop}: exit 0, resumed from {stop}, final EMA bit-identical")
 
 
+def _progress(log: Path, offset: int) -> int:
+    """The last step the run reported (ReportProgress logs "(k/40)" every step) after `offset`."""
+    done = re.findall(r"\((\d+)/40\)", log.read_text()[offset:])
+    return int(done[-1]) if done else 0
+
+
 @pytest.mark.slow
 def test_chaos_sigkill_at_random_moments_loses_nothing(tmp_path, cli_reference):
-    """SIGKILL at seeded random moments (start-up, steps, async saves), restart each time; the
-    final EMA parameters are bit-identical to the uninterrupted run's."""
+    """SIGKILL at seeded random moments, restarting each time: once during start-up, then at a
+    random step of what is left of the run (uniform over its remaining steps, including the
+    final save, sample and export) plus a random fraction of a second, so kills also land inside
+    asynchronous checkpoint writes. The final EMA parameters are bit-identical to the
+    uninterrupted run's."""
     ref_params, _, timing = cli_reference
     rng = np.random.default_rng(8)
     wd, log = tmp_path / "wd", tmp_path / "chaos.log"
     events = []
     for attempt in range(6):
-        before = len(log.read_text()) if log.exists() else 0
+        offset = len(log.read_text()) if log.exists() else 0
         proc = _start(wd, log)
+        target = None
         if attempt == 0:  # during start-up (imports, restore, compile)
             time.sleep(rng.uniform(0.2, 0.9) * timing["startup_s"])
         else:
-
-            def compiled(before=before):
-                return "compiled train step" in log.read_text()[before:]
-
-            if not _wait_for(compiled, proc):
+            resumed = re.findall(r"resumed from step (\d+)", log.read_text()[offset:])
+            start = int(resumed[-1]) if resumed else 0
+            target = int(rng.integers(start + 1, 41))
+            if not _wait_for(lambda t=target, o=offset: _progress(log, o) >= t, proc):
                 assert proc.returncode == 0, log.read_text()[-3000:]
                 break
-            time.sleep(rng.uniform(0.0, 1.0) * timing["loop_s"])
+            time.sleep(rng.uniform(0.0, 0.5))
         if proc.poll() is not None:
             assert proc.returncode == 0, log.read_text()[-3000:]
             break  # finished before the kill
@@ -726,20 +761,26 @@ def test_chaos_sigkill_at_random_moments_loses_nothing(tmp_path, cli_reference):
         proc.wait()
         ck = wd / "checkpoints"
         entries = sorted(os.listdir(ck)) if ck.exists() else []
-        resumed = re.findall(r"resumed from step (\d+)", log.read_text()[before:])
+        resumed = re.findall(r"resumed from step (\d+)", log.read_text()[offset:])
         events.append(
             {
-                "attempt": attempt,
                 "resumed_from": int(resumed[-1]) if resumed else 0,
+                "target_step": target,
+                "killed_after_step": _progress(log, offset),
                 "steps_on_disk": sorted(int(e) for e in entries if e.isdigit()),
                 "mid_save": any("orbax-checkpoint-tmp" in e for e in entries),
             }
         )
     kills = len(events)
+    offset = len(log.read_text())
     proc = _start(wd, log)
     assert proc.wait(timeout=1800) == 0, log.read_text()[-3000:]
     params, meta = _exported(wd)
     assert meta["steps"] == 40
     _assert_trees_equal(params, ref_params)
-    assert kills >= 4, events  # most kills landed while the run was still going
-    print(f"\nchaos: {kills} SIGKILLs {json.dumps(events)}; final EMA bit-identical")
+    assert kills >= 5, events  # the kills landed while the run was still going
+    last = re.findall(r"resumed from step (\d+)", log.read_text()[offset:])
+    print(
+        f"\nchaos: {kills} SIGKILLs {json.dumps(events)}; last restart from step "
+        f"{last[-1] if last else 0}; final EMA bit-identical"
+    )

@@ -186,11 +186,7 @@ def reference(tmp_path_factory):
                 "SCALE_WORKER_STOP_AFTER_TRAIN": "1",
             }
             cmd = [sys.executable, str(REPO / "tests" / "scale_worker.py"), "-", *flags]
-            proc = subprocess.Popen(
-                cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-            (out,) = _communicate([proc], timeout=SUBPROCESS_TIMEOUT)
-            assert proc.returncode == 0, out[-4000:]
+            _launch([cmd], env, [workdir.parent / f"{workdir.name}.log"])
             loop_dir = workdir if stage == "pretrain" else workdir / "distill"
             arg_bytes = _logged(loop_dir, "argument_size_in_bytes")
             cache[stage] = Reference(
@@ -382,18 +378,34 @@ def _subprocess_env(num_devices: int) -> dict[str, str]:
     return env
 
 
-def _communicate(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    """Waits for all processes (bounded); kills every one still running when time is up."""
-    outputs = []
-    deadline = time.monotonic() + timeout
+def _launch(commands: list[list[str]], env: dict[str, str], logs: list[Path]) -> list[str]:
+    """Runs the commands side by side from the repo root and returns their output.
+
+    Bounded: every process still running after SUBPROCESS_TIMEOUT, or once another one has failed
+    (its partner would only wait for it at a barrier), is killed. Each process writes to its own
+    log file, so a chatty process can never block on a full pipe.
+    """
+    procs = []
     try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
+        for cmd, log in zip(commands, logs, strict=True):
+            with open(log, "w") as f:
+                procs.append(
+                    subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+                )
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+        while time.monotonic() < deadline:
+            codes = [p.poll() for p in procs]
+            if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
+                break
+            time.sleep(1)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-                p.wait()
+            p.wait()
+    outputs = [log.read_text() for log in logs]
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"{commands[i][1:]} exited {p.returncode}:\n{outputs[i][-4000:]}"
     return outputs
 
 
@@ -434,11 +446,7 @@ def test_checkpoint_resumes_on_another_mesh(tmp_path, runs):
         "--config.train.log_every=1",
     ]
     env = _subprocess_env(4) | {"SCALE_WORKER_NO_EVAL": "1", "SCALE_WORKER_STOP_AFTER_TRAIN": "1"}
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    (out,) = _communicate([proc], timeout=SUBPROCESS_TIMEOUT)
-    assert proc.returncode == 0, out[-4000:]
+    _launch([cmd], env, [tmp_path / "b.log"])
 
     restored = np.load(dump)
     meta = json.loads(str(restored["meta"]))
@@ -479,42 +487,41 @@ def _logged(workdir: Path, tag: str) -> dict[int, float]:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.timeout(SLOW_TEST_TIMEOUT)
-def test_two_processes_match_one_process(tmp_path, reference):
-    """`python -m cdd_jax.main` as two jax.distributed processes on 127.0.0.1, 4 CPU devices each,
-    mesh (1, 8, 1): every parameter tensor is split over both processes' devices and both
-    processes write their shards of the checkpoint. Three steps give the same logged losses and
+@pytest.mark.parametrize("mesh", ["data", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, reference, mesh):
+    """The whole tiny pretraining job (`python -m cdd_jax.main`: training, evaluation, samples,
+    export) as two jax.distributed processes on 127.0.0.1 with 4 CPU devices each.
+
+    mesh "data": the tiny config's own mesh, (8, 1, 1) data parallel over both processes with
+    replicated parameters. "fsdp": (1, 8, 1) with min_shard_bytes=0, so every parameter tensor is
+    split over both processes' devices and each process writes its own shards of the checkpoint.
+    Each process feeds only its half of every batch. Three steps give the same logged losses and
     the same final state as the single-process run on one device; both processes exit with 0.
     """
     one = reference("pretrain")
     workdir = tmp_path / "mp"
     port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cdd_jax.main",
-                "--config=configs/pretrain.py:tiny",
-                f"--workdir={workdir}",
-                f"--coordinator_address=127.0.0.1:{port}",
-                "--num_processes=2",
-                f"--process_id={i}",
-                "--config.mesh.sizes=(1,8,1)",
-                "--config.mesh.min_shard_bytes=0",
-                f"--config.train.num_steps={NUM_STEPS}",
-                "--config.train.log_every=1",
-            ],
-            cwd=REPO,
-            env=_subprocess_env(4),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    mesh_flags = {
+        "data": [],
+        "fsdp": ["--config.mesh.sizes=(1,8,1)", "--config.mesh.min_shard_bytes=0"],
+    }[mesh]
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "cdd_jax.main",
+            "--config=configs/pretrain.py:tiny",
+            f"--workdir={workdir}",
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            *mesh_flags,
+            f"--config.train.num_steps={NUM_STEPS}",
+            "--config.train.log_every=1",
+        ]
         for i in range(2)
     ]
-    outputs = _communicate(procs, timeout=SUBPROCESS_TIMEOUT)
-    for i, p in enumerate(procs):
-        assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{outputs[i][-4000:]}"
+    _launch(commands, _subprocess_env(4), [tmp_path / f"process{i}.log" for i in range(2)])
     events = list(workdir.glob("events.out.tfevents.*"))
     assert len(events) == 1  # process 0 writes the logs, process 1 only logs to stderr
     losses = _logged(workdir, "loss")

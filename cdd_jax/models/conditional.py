@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cdd_jax.diffusion import get_schedule
 from cdd_jax.models.layers import Conv, TimeEmbedding
 from cdd_jax.models.unet import Encoder, Middle, UNet, unet_kwargs
 
@@ -38,7 +39,41 @@ def adapter_config() -> ml_collections.ConfigDict:
     # keep the network equal to the teacher at init, and every gate receives a condition-dependent
     # gradient from step 1, so the control path opens faster.
     c.cond_embed_zero_init = False
+    # Low-frequency anchor (a documented deviation from the paper, off by default): the network's
+    # signal prediction x_hat takes its low frequencies partly from the condition,
+    #     x_hat' = x_hat + gamma_t (lowpass(cond) - lowpass(x_hat)),
+    #     gamma_t = p sigma_t^2 / (p sigma_t^2 + alpha_t^2),
+    # the weight a Gaussian fusion gives an observation of precision p against z_t / alpha_t; so
+    # the condition rules at high noise and z_t at low noise. lowpass = area-downsampling by
+    # `anchor_factor` then bicubic upsampling. 0 = off (the network is exactly the paper's).
+    c.anchor_precision = 0.0
+    c.anchor_factor = 4  # Downsampling factor of the low-pass (the super-resolution factor).
     return c
+
+
+def lowpass(x: jax.Array, factor: int) -> jax.Array:
+    """Area-downsamples NHWC images by `factor`, then upsamples them back (bicubic)."""
+    b, h, w, c = x.shape
+    if h % factor or w % factor:
+        raise ValueError(f"lowpass: image size {h}x{w} is not divisible by factor {factor}")
+    small = x.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+    return jax.image.resize(small, x.shape, method="cubic")
+
+
+def anchor_low_frequencies(v_hat, z_t, t, cond, *, schedule, precision: float, factor: int):
+    """The low-frequency anchor on a v-prediction (see `adapter_config`); returns v_hat'.
+
+    With x_hat = alpha z - sigma v and x_hat' as in `adapter_config`, the v that gives x_hat'
+    from the same z_t is v' = v - (x_hat' - x_hat) / sigma = v - gamma (lp(c) - lp(x_hat)) / sigma,
+    where gamma / sigma = p sigma / (p sigma^2 + alpha^2) stays bounded as sigma -> 0.
+    """
+    alpha, sigma = schedule.alpha_sigma(t)
+    alpha = alpha.reshape(-1, 1, 1, 1)
+    sigma = sigma.reshape(-1, 1, 1, 1)
+    v_hat = v_hat.astype(jnp.float32)
+    x_hat = alpha * z_t - sigma * v_hat
+    scale = precision * sigma / (precision * sigma**2 + alpha**2)
+    return v_hat - scale * (lowpass(cond.astype(jnp.float32), factor) - lowpass(x_hat, factor))
 
 
 class ScalarGate(nn.Module):
@@ -104,17 +139,30 @@ class ConditionalUNet(nn.Module):
     cond_embed_ch: tuple[int, ...] = (16, 32)
     input_gate: bool = True
     cond_embed_zero_init: bool = False
+    anchor_precision: float = 0.0
+    anchor_factor: int = 4
+    schedule: str = "cosine"  # Noise schedule name; only read by the low-frequency anchor.
 
     @classmethod
-    def from_config(cls, model_cfg, adapter_cfg) -> ConditionalUNet:
+    def from_config(cls, model_cfg, adapter_cfg, schedule: str = "cosine") -> ConditionalUNet:
+        """`schedule`: the diffusion schedule's name (config.diffusion.schedule)."""
         if adapter_cfg.gate not in ("scalar", "conv1x1"):
             raise ValueError(f"adapter.gate must be 'scalar' or 'conv1x1', got {adapter_cfg.gate!r}")
+        precision = float(adapter_cfg.get("anchor_precision", 0.0))
+        factor = adapter_cfg.get("anchor_factor", 4)
+        if precision < 0 or precision != precision:
+            raise ValueError(f"adapter.anchor_precision must be >= 0, got {precision!r}")
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"adapter.anchor_factor must be a positive int, got {factor!r}")
         return cls(
             unet=UNet(**unet_kwargs(model_cfg)),
             gate=adapter_cfg.gate,
             cond_embed_ch=tuple(adapter_cfg.cond_embed_ch),
             input_gate=bool(adapter_cfg.input_gate),
             cond_embed_zero_init=bool(adapter_cfg.cond_embed_zero_init),
+            anchor_precision=precision,
+            anchor_factor=factor,
+            schedule=str(schedule),
         )
 
     @nn.compact
@@ -128,8 +176,13 @@ class ConditionalUNet(nn.Module):
         control = ControlEncoder(self.unet.clone(parent=None), self.gate, self.cond_embed_ch,
                                  self.input_gate, self.cond_embed_zero_init, name="control")
         skip_res, mid_res, input_res = control(z_t, t, cond, train)
-        return self.unet(z_t, t, train, skip_residuals=skip_res, middle_residual=mid_res,
-                         input_residual=input_res)
+        v_hat = self.unet(z_t, t, train, skip_residuals=skip_res, middle_residual=mid_res,
+                          input_residual=input_res)
+        if self.anchor_precision > 0:
+            v_hat = anchor_low_frequencies(v_hat, z_t, t, cond, schedule=get_schedule(self.schedule),
+                                           precision=self.anchor_precision,
+                                           factor=self.anchor_factor)
+        return v_hat
 
 
 def init_from_teacher(cond_params: dict, teacher_params: dict) -> dict:

@@ -153,8 +153,10 @@ def train(job: Job, config: ml_collections.ConfigDict, workdir: str) -> TrainSta
                                                   jax.tree.leaves(labels)) if lab != "frozen"))
     logging.info("[%s] parameters: %d total, %d trainable (mode %s)", job.name, n_total,
                  n_train, job.mode)
-    if is_main:
-        parameter_overview.log_parameter_overview(state.params)
+    # "global": the statistics of arrays sharded over several processes need a collective (every
+    # process takes part; a plain device_get cannot fetch them). Process 0 logs the table.
+    parameter_overview.log_parameter_overview(state.params, include_stats="global",
+                                              jax_logging_process=0)
     writer.write_hparams({"params_total": n_total, "params_trainable": n_train})
 
     # --- checkpoints: resume from the newest complete one ------------------------------------

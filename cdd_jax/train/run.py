@@ -114,6 +114,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
         validate_degradation_config(config.degradation, config.data.crop_size)
         validate_distill_config(config.distill)
+        number("adapter.anchor_precision", 0)
+        number("adapter.anchor_factor", 1, integer=True)
+        if config.adapter.anchor_precision > 0 and (
+                config.data.crop_size % config.adapter.anchor_factor
+                or config.adapter.anchor_factor != config.degradation.scale):
+            raise ValueError(
+                f"adapter.anchor_factor {config.adapter.anchor_factor} must equal "
+                f"degradation.scale {config.degradation.scale} and divide data.crop_size "
+                f"{config.data.crop_size} when the low-frequency anchor is on")
         validate_config(config.teacher.pretrain)
         if not config.teacher.checkpoint and config.teacher.pretrain.data.crop_size != \
                 config.data.crop_size:
@@ -298,7 +307,7 @@ def distill_job(config: ml_collections.ConfigDict, teacher_params: PyTree, eval_
     from cdd_jax.data.pipeline import build_train_dataset
 
     dcfg = config.distill
-    model = ConditionalUNet.from_config(config.model, config.adapter)
+    model = ConditionalUNet.from_config(config.model, config.adapter, config.diffusion.schedule)
     apply_fn = _cond_apply(model)
     schedule = get_schedule(config.diffusion.schedule)
     size = config.data.crop_size

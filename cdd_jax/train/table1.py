@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -530,7 +531,7 @@ def run_table1(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     validate_table1_config(config)
     rows_wanted = tuple(config.table1.rows)
     eval_set = make_table1_eval_set(config)
-    apply_fn = _cond_apply(ConditionalUNet.from_config(config.model, config.adapter))
+    apply_fn = _cond_apply(ConditionalUNet.from_config(config.model, config.adapter, config.diffusion.schedule))
     schedule = get_schedule(config.diffusion.schedule)
     suite = MetricSuite(config.evaluate.metrics)
     n_keep = config.evaluate.num_grid_images
@@ -587,6 +588,8 @@ def run_table1(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             rows, preds = list(results), dict(results.predictions)
             if jax.process_index() == 0:
                 save_row(row_dir, rows, preds, settings)
+            peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            logging.info("row %s finished; peak host memory so far %.2f GiB", row, peak_gb)
         all_rows.extend(rows)
         predictions.update(preds)
     paths = write_report(config, workdir, all_rows, predictions, eval_set)

@@ -186,11 +186,12 @@ def table1_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.adapter.anchor_precision = 0.0
     c.table1 = table1_section()
     if variant == "default":
-        # Per trained row (GD: split over its rounds). Estimated ~1.3-1.4 h for the whole table
-        # on 2 CPU cores (docs/RESULTS.md): step cost relative to pretraining (~0.57 s) from the
-        # compiled FLOPs: finetune 1.34x, PE-CoDi 1.46x, CoDi 1.78x, CM 2.23x, GD 2.23x.
-        c.train.num_steps = 800
-        c.train.eval_every = 200
+        # Per trained row (GD: split over its rounds). Estimated ~55 min of training for the
+        # whole table on 2 quiet CPU cores (docs/RESULTS.md): step cost relative to pretraining
+        # (~0.57 s) from the compiled FLOPs: finetune 1.34x, PE-CoDi 1.46x, CoDi 1.78x, CM 2.23x,
+        # GD 2.23x; plus compilation and the 200-step DDIM evaluation.
+        c.train.num_steps = 500
+        c.train.eval_every = 250
         c.train.ckpt_every = 100
     elif variant == "tiny":
         c.train.num_steps = 4

@@ -685,6 +685,7 @@ def cli_reference(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # subprocess start-ups take minutes on a loaded 2-core machine
 def test_cli_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, cli_reference):
     ref_params, ref_meta, _ = cli_reference
     wd, log = tmp_path / "wd", tmp_path / "run.log"
@@ -714,6 +715,7 @@ def _progress(log: Path, offset: int) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # subprocess start-ups take minutes on a loaded 2-core machine
 def test_chaos_sigkill_at_random_moments_loses_nothing(tmp_path, cli_reference):
     """SIGKILL at seeded random moments, restarting each time: once during start-up, then at a
     random step of what is left of the run (uniform over its remaining steps, including the

@@ -136,6 +136,10 @@ def sr_config(variant: str = "default") -> ml_collections.ConfigDict:
     # at 32-64 px crops and changes nothing a 32 px crop can see.
     c.degradation.degrade_size = 0
     c.distill = distill_config()
+    # lambda = 10 (the paper: 1). With lambda = 1 the self-consistency term, which outweighs the
+    # signal term below t ~ 0.4, left ~9% of the noise in x_hat at t = 0.25 (the teacher: 2%)
+    # and 4-step samples full of invented texture (BUILD_NOTES.md section 4). Off in "large".
+    c.distill.lambda_x = 10.0
     c.teacher = ml_collections.ConfigDict()
     # Teacher checkpoint: an exported params dir, a pretraining workdir or its checkpoints/ dir.
     # Empty: pretrain one with `teacher.pretrain` in <workdir>/teacher (reused if already there).
@@ -165,7 +169,8 @@ def sr_config(variant: str = "default") -> ml_collections.ConfigDict:
     elif variant == "large":
         c.degradation = degradation_config("realesrgan")
         c.adapter.cond_embed_ch = (32, 64, 128)
-        c.adapter.anchor_precision = 0.0  # The paper's network.
+        c.adapter.anchor_precision = 0.0  # The paper's network and loss weight.
+        c.distill.lambda_x = 1.0
         c.distill.num_grid_steps = 50
         c.evaluate.metrics = ("psnr", "ssim", "lpips_alex", "lpips_vgg")
         c.train.num_steps = 100_000
@@ -182,8 +187,10 @@ def table1_config(variant: str = "default") -> ml_collections.ConfigDict:
 
     c = sr_config(variant)
     c.stage = "table1"
-    # Table 1 tests the paper's claims, so every row uses the paper's network (no anchor).
+    # Table 1 tests the paper's claims, so every row uses the paper's network (no anchor) and
+    # the paper's lambda = 1.
     c.adapter.anchor_precision = 0.0
+    c.distill.lambda_x = 1.0
     c.table1 = table1_section()
     if variant == "default":
         # Per trained row (GD: split over its rounds). Estimated ~55 min of training for the

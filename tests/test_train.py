@@ -133,8 +133,11 @@ def test_target_and_eval_ema_follow_their_own_decays(sr_pieces):
 
 
 def test_codi_loss_falls_over_a_few_dozen_steps(sr_pieces):
+    """The paper's objective (lambda = 1, no low-frequency anchor) on the tiny SR config."""
     config, sr, eval_set, teacher = sr_pieces
     config = config.copy_and_resolve_references()
+    config.distill.lambda_x = 1.0
+    config.adapter.anchor_precision = 0.0
     config.optim.warmup_steps = 1
     config.optim.lr = config.optim.new_lr = 2e-3
     job, _, _ = distill_job(config, teacher, eval_set)

@@ -1,0 +1,87 @@
+"""Command-line entry point: parses flags and calls `cdd_jax.train_and_evaluate`.
+
+    python -m cdd_jax.main --config=configs/sr.py --workdir=/tmp/sr
+    python -m cdd_jax.main --config=configs/pretrain.py:tiny --workdir=/tmp/t --config.train.num_steps=10
+"""
+
+import difflib
+import runpy
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file, optionally `path.py:variant`.", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and results.")
+flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "yes", "no"],
+    "Call jax.distributed.initialize(): 'auto' detects SLURM / Cloud TPU multi-host jobs.",
+)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explicit multi-host).")
+flags.DEFINE_integer("num_processes", None, "Number of JAX processes (explicit multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-host).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _override_hints(argv: list[str]) -> list[str]:
+    """Close matches for `--config.a.b=` overrides that name no key of the config file."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None:
+        return []
+    file, _, variant = path.partition(":")
+    try:
+        config = runpy.run_path(file)["get_config"](variant or None)
+    except Exception:  # noqa: BLE001 - the hint is best effort; the error itself is printed
+        return []
+    hints = []
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        node, prefix = config, ""
+        for part in arg[len("--config."):].split("=", 1)[0].split("."):
+            if not hasattr(node, "keys") or part not in node:
+                close = difflib.get_close_matches(part, list(node.keys()) if hasattr(
+                    node, "keys") else [], n=3)
+                hint = f"unknown config key {prefix + part!r}"
+                if close:
+                    hint += "; did you mean " + ", ".join(prefix + c for c in close) + "?"
+                hints.append(hint)
+                break
+            node, prefix = node[part], prefix + part + "."
+    return hints
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with a one-line error (and close matches) instead of a traceback."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        hints = _override_hints(argv)
+        print(f"error: {hints[0] if hints else e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}")
+    from cdd_jax.parallel.distributed import maybe_initialize
+
+    maybe_initialize(
+        FLAGS.distributed,
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
+    import cdd_jax
+
+    cdd_jax.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,227 @@
+"""The conditional network: the pretrained U-Net plus a duplicated, gated conditional encoder.
+
+Paper eq. 10: h'_l = h_l(z_t) + mu_l * h^c_l(z_t, c), with mu_l = 0 at initialisation, so the
+conditional network computes exactly the unconditional teacher until the gates open.
+
+Parameter tree (top level):
+    unet/     the teacher's parameters (frozen in PE-CoDi)
+    control/  time_embed, encoder, middle   (copies of the teacher's, see `init_from_teacher`)
+              cond_embed                     (small conv stack for the condition, zero-init output)
+              gate_skip_{i}, gate_middle     (scalar mu per level, or zero-init 1x1 convs)
+              input_gate                     (optional zero-init conv: condition -> main input)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cdd_jax.diffusion import get_schedule
+from cdd_jax.models.layers import Conv, TimeEmbedding
+from cdd_jax.models.unet import Encoder, Middle, UNet, unet_kwargs
+
+Dtype = Any
+NEW_PARAM_GROUPS = ("cond_embed", "gate_skip_", "gate_middle", "input_gate")
+
+
+def adapter_config() -> ml_collections.ConfigDict:
+    """Conditional-adapter hyperparameters."""
+    c = ml_collections.ConfigDict()
+    c.gate = "conv1x1"  # "scalar": one mu per level (paper eq. 10); "conv1x1": ControlNet-style.
+    c.cond_embed_ch = (16, 32)  # Widths of the condition embedder's hidden convs.
+    c.cond_channels = 3  # Channels of the condition image (the upsampled low-res input).
+    c.input_gate = True  # Also add a zero-init conv of the embedded condition to the main input.
+    # Zero-initialise the embedder's last conv (ControlNet does). False (default): the gates alone
+    # keep the network equal to the teacher at init, and every gate receives a condition-dependent
+    # gradient from step 1, so the control path opens faster.
+    c.cond_embed_zero_init = False
+    # Low-frequency anchor (a documented deviation from the paper, off by default): the network's
+    # signal prediction x_hat takes its low frequencies partly from the condition,
+    #     x_hat' = x_hat + gamma_t (lowpass(cond) - lowpass(x_hat)),
+    #     gamma_t = p sigma_t^2 / (p sigma_t^2 + alpha_t^2),
+    # the weight a Gaussian fusion gives an observation of precision p against z_t / alpha_t; so
+    # the condition rules at high noise and z_t at low noise. lowpass = area-downsampling by
+    # `anchor_factor` then bicubic upsampling. 0 = off (the network is exactly the paper's).
+    c.anchor_precision = 0.0
+    c.anchor_factor = 4  # Downsampling factor of the low-pass (the super-resolution factor).
+    return c
+
+
+def lowpass(x: jax.Array, factor: int) -> jax.Array:
+    """Area-downsamples NHWC images by `factor`, then upsamples them back (bicubic)."""
+    b, h, w, c = x.shape
+    if h % factor or w % factor:
+        raise ValueError(f"lowpass: image size {h}x{w} is not divisible by factor {factor}")
+    small = x.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+    return jax.image.resize(small, x.shape, method="cubic")
+
+
+def anchor_low_frequencies(v_hat, z_t, t, cond, *, schedule, precision: float, factor: int):
+    """The low-frequency anchor on a v-prediction (see `adapter_config`); returns v_hat'.
+
+    With x_hat = alpha z - sigma v and x_hat' as in `adapter_config`, the v that gives x_hat'
+    from the same z_t is v' = v - (x_hat' - x_hat) / sigma = v - gamma (lp(c) - lp(x_hat)) / sigma,
+    where gamma / sigma = p sigma / (p sigma^2 + alpha^2) stays bounded as sigma -> 0.
+    """
+    alpha, sigma = schedule.alpha_sigma(t)
+    alpha = alpha.reshape(-1, 1, 1, 1)
+    sigma = sigma.reshape(-1, 1, 1, 1)
+    v_hat = v_hat.astype(jnp.float32)
+    x_hat = alpha * z_t - sigma * v_hat
+    scale = precision * sigma / (precision * sigma**2 + alpha**2)
+    return v_hat - scale * (lowpass(cond.astype(jnp.float32), factor) - lowpass(x_hat, factor))
+
+
+class ScalarGate(nn.Module):
+    """h -> mu * h with a scalar mu initialised to zero (the paper's gate)."""
+
+    @nn.compact
+    def __call__(self, h):
+        mu = self.param("mu", nn.with_logical_partitioning(nn.initializers.zeros, ()), ())
+        return mu.astype(h.dtype) * h
+
+
+class CondEmbedder(nn.Module):
+    """Small conv stack mapping the condition image to the encoder's input width."""
+
+    out_ch: int
+    hidden: tuple[int, ...] = (16, 32)
+    zero_init: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, c):
+        h = c.astype(self.dtype)
+        for i, width in enumerate(self.hidden):
+            h = nn.silu(Conv(width, dtype=self.dtype, name=f"conv_{i}")(h))
+        return Conv(self.out_ch, zero_init=self.zero_init, dtype=self.dtype, name="conv_out")(h)
+
+
+class ControlEncoder(nn.Module):
+    """The duplicated encoder: sees z_t and the condition, returns gated residuals."""
+
+    unet: UNet
+    gate: str = "conv1x1"
+    cond_embed_ch: tuple[int, ...] = (16, 32)
+    input_gate: bool = True
+    cond_embed_zero_init: bool = False
+
+    def _gate(self, h, name):
+        if self.gate == "scalar":
+            return ScalarGate(name=name)(h)
+        return Conv(h.shape[-1], kernel_size=1, zero_init=True, dtype=self.unet.dtype, name=name)(h)
+
+    @nn.compact
+    def __call__(self, z_t, t, cond, train: bool):
+        u = self.unet
+        c_emb = CondEmbedder(u.ch, self.cond_embed_ch, self.cond_embed_zero_init, u.dtype,
+                             name="cond_embed")(cond)
+        emb = TimeEmbedding(u.ch, u.dtype, name="time_embed")(t)
+        skips = Encoder(**u.encoder_kwargs(), name="encoder")(z_t.astype(u.dtype), emb, train, c_emb)
+        mid = Middle(**u.middle_kwargs(), name="middle")(skips[-1], emb, train)
+        skip_res = [self._gate(h, f"gate_skip_{i}") for i, h in enumerate(skips)]
+        mid_res = self._gate(mid, "gate_middle")
+        input_res = None
+        if self.input_gate:
+            input_res = Conv(u.ch, zero_init=True, dtype=u.dtype, name="input_gate")(c_emb)
+        return skip_res, mid_res, input_res
+
+
+class ConditionalUNet(nn.Module):
+    """`apply({'params': p}, z_t, t, cond, train=False) -> v_hat`."""
+
+    unet: UNet
+    gate: str = "conv1x1"
+    cond_embed_ch: tuple[int, ...] = (16, 32)
+    input_gate: bool = True
+    cond_embed_zero_init: bool = False
+    anchor_precision: float = 0.0
+    anchor_factor: int = 4
+    schedule: str = "cosine"  # Noise schedule name; only read by the low-frequency anchor.
+
+    @classmethod
+    def from_config(cls, model_cfg, adapter_cfg, schedule: str = "cosine") -> ConditionalUNet:
+        """`schedule`: the diffusion schedule's name (config.diffusion.schedule)."""
+        if adapter_cfg.gate not in ("scalar", "conv1x1"):
+            raise ValueError(f"adapter.gate must be 'scalar' or 'conv1x1', got {adapter_cfg.gate!r}")
+        precision = float(adapter_cfg.get("anchor_precision", 0.0))
+        factor = adapter_cfg.get("anchor_factor", 4)
+        if precision < 0 or precision != precision:
+            raise ValueError(f"adapter.anchor_precision must be >= 0, got {precision!r}")
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"adapter.anchor_factor must be a positive int, got {factor!r}")
+        return cls(
+            unet=UNet(**unet_kwargs(model_cfg)),
+            gate=adapter_cfg.gate,
+            cond_embed_ch=tuple(adapter_cfg.cond_embed_ch),
+            input_gate=bool(adapter_cfg.input_gate),
+            cond_embed_zero_init=bool(adapter_cfg.cond_embed_zero_init),
+            anchor_precision=precision,
+            anchor_factor=factor,
+            schedule=str(schedule),
+        )
+
+    @nn.compact
+    def __call__(self, z_t, t, cond, train: bool = False):
+        if cond is None or cond.ndim != 4 or cond.shape[:3] != z_t.shape[:3]:
+            raise ValueError(
+                "the condition must be an NHWC image with the same batch and spatial size as "
+                f"z_t {tuple(z_t.shape)}; got {None if cond is None else tuple(cond.shape)}"
+            )
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (z_t.shape[0],))
+        control = ControlEncoder(self.unet.clone(parent=None), self.gate, self.cond_embed_ch,
+                                 self.input_gate, self.cond_embed_zero_init, name="control")
+        skip_res, mid_res, input_res = control(z_t, t, cond, train)
+        v_hat = self.unet(z_t, t, train, skip_residuals=skip_res, middle_residual=mid_res,
+                          input_residual=input_res)
+        if self.anchor_precision > 0:
+            v_hat = anchor_low_frequencies(v_hat, z_t, t, cond, schedule=get_schedule(self.schedule),
+                                           precision=self.anchor_precision,
+                                           factor=self.anchor_factor)
+        return v_hat
+
+
+def init_from_teacher(cond_params: dict, teacher_params: dict) -> dict:
+    """Conditional parameters with the backbone AND the duplicated encoder copied from the teacher.
+
+    Raises ValueError naming the first mismatching path when the teacher's architecture does not
+    match the configured U-Net.
+    """
+    cond_params = dict(cond_params)
+    check_same_structure(teacher_params, cond_params["unet"], "teacher", "model.unet")
+    cond_params["unet"] = teacher_params
+    control = dict(cond_params["control"])
+    for part in ("time_embed", "encoder", "middle"):
+        check_same_structure(teacher_params[part], control[part], f"teacher/{part}",
+                             f"control/{part}")
+        control[part] = teacher_params[part]
+    cond_params["control"] = control
+    return cond_params
+
+
+def check_same_structure(a: dict, b: dict, name_a: str, name_b: str) -> None:
+    """ValueError naming the first path whose presence or shape differs between two trees."""
+    fa = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(a)}
+    fb = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(b)}
+    for k in sorted(set(fa) | set(fb)):
+        if k not in fa or k not in fb:
+            where = name_a if k not in fa else name_b
+            raise ValueError(
+                f"architecture mismatch: parameter {k} is missing from {where} "
+                f"({name_a}: {len(fa)} tensors, {name_b}: {len(fb)} tensors); check model.* in "
+                "the config against the teacher checkpoint"
+            )
+        if jnp.shape(fa[k]) != jnp.shape(fb[k]):
+            raise ValueError(
+                f"architecture mismatch at {k}: {name_a} has shape {jnp.shape(fa[k])}, "
+                f"{name_b} has {jnp.shape(fb[k])}; check model.* in the config"
+            )
+
+
+def is_new_param(path: str) -> bool:
+    """True for parameters that did not exist in the teacher (embedder, gates)."""
+    return "control" in path and any(g in path for g in NEW_PARAM_GROUPS)

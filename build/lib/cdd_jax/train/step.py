@@ -1,0 +1,86 @@
+"""The jitted train step: `(state, batch, rng) -> (state, metrics)`, a pure function.
+
+One step = objective -> gradients of the trainable parameters only -> clipped AdamW update ->
+EMA updates (evaluation EMA and, for consistency-style objectives, the target EMA). A step whose
+loss or gradients are not finite leaves parameters, EMAs and optimiser state untouched; it still
+advances `step` (so the data and the per-step randomness move on) and is counted in
+`nonfinite_steps`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cdd_jax.distill.ema import ema_decay, ema_update
+from cdd_jax.train.state import TrainState, merge, split_trainable
+
+PyTree = Any
+# loss_fn(params, target_params, teacher_params, batch, rng) -> (loss, metrics)
+LossFn = Callable[[PyTree, PyTree, PyTree, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _select(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def _decay(cfg: Any, step: jax.Array) -> jax.Array:
+    return ema_decay(step, cfg.decay, cfg.warmup, power=cfg.get("power", 2.0 / 3.0),
+                     inv_gamma=cfg.get("inv_gamma", 1.0))
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    labels: PyTree,
+    *,
+    ema: Any,
+    target_ema: Any | None = None,
+    lr_schedules: dict[str, optax.Schedule] | None = None,
+) -> Callable[[TrainState, dict, jax.Array, PyTree], tuple[TrainState, dict]]:
+    """Builds the step. `ema` / `target_ema` are config sections with `decay` and `warmup`."""
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array, teacher_params: PyTree = None):
+        trainable, frozen = split_trainable(state.params, labels)
+
+        def objective(tr):
+            return loss_fn(merge(tr, frozen), state.target_params, teacher_params, batch, rng)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+        grads = merge(grads, jax.tree.map(jnp.zeros_like, frozen))
+        ok = jnp.isfinite(loss) & _all_finite(grads)
+        grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)  # keep the update finite
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        step = state.step + 1
+        ema_params = ema_update(state.ema_params, params, _decay(ema, state.step))
+        target_params = state.target_params
+        if target_params is not None:
+            decay = _decay(target_ema, state.step)
+            target_params = ema_update(target_params, params, decay)
+
+        new_state = state.replace(
+            step=step,
+            params=_select(ok, params, state.params),
+            ema_params=_select(ok, ema_params, state.ema_params),
+            target_params=None if target_params is None else _select(ok, target_params,
+                                                                     state.target_params),
+            opt_state=_select(ok, opt_state, state.opt_state),
+            nonfinite_steps=state.nonfinite_steps + (~ok).astype(jnp.int32),
+        )
+        metrics = dict(metrics)
+        metrics.update(loss=loss, grad_norm=optax.global_norm(grads), finite=ok.astype(jnp.float32))
+        for name, sched in (lr_schedules or {}).items():
+            metrics[f"lr_{name}"] = sched(state.step)
+        return new_state, metrics
+
+    return train_step

@@ -8,10 +8,10 @@ import pytest
 
 from cdd_jax.diffusion import get_schedule
 from cdd_jax.models.conditional import (
-    lowpass,
     ConditionalUNet,
     adapter_config,
     init_from_teacher,
+    lowpass,
 )
 from cdd_jax.models.unet import UNet, init_params, model_config
 

@@ -14,7 +14,8 @@ conditional encoder's gated features join the main path (paper eq. 10).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

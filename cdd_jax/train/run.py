@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax

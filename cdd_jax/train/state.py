@@ -7,7 +7,8 @@ differentiated) and no optimiser state (optax.multi_transform with set_to_zero k
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax

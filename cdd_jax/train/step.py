@@ -9,7 +9,8 @@ advances `step` (so the data and the per-step randomness move on) and is counted
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -323,6 +323,7 @@ def test_a_row_needing_the_finetuned_model_trains_it_without_evaluating_it(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # 17.5 min measured under load ~3 on 2 cores
 def test_tiny_table_end_to_end_and_resume(tmp_path, monkeypatch):
     import cdd_jax
 

@@ -137,7 +137,7 @@ def sr_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.degradation.degrade_size = 0
     c.distill = distill_config()
     # lambda = 10 (the paper: 1). With lambda = 1 the self-consistency term, which outweighs the
-    # signal term below t ~ 0.4, left ~9% of the noise in x_hat at t = 0.25 (the teacher: 2%)
+    # signal term below t ~ 0.5, left ~9% of the noise in x_hat at t = 0.25 (the teacher: 2%)
     # and 4-step samples full of invented texture (BUILD_NOTES.md section 4). Off in "large".
     c.distill.lambda_x = 10.0
     c.teacher = ml_collections.ConfigDict()

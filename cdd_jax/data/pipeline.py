@@ -14,13 +14,14 @@ The training stream, in order (every random step has an explicit seed derived fr
                                                       the generator is derived from (seed, global
                                                       record index), so it does not depend on
                                                       threads, workers or hosts
-    -> [process_index::process_count]                 per-process slice AFTER the random map, so
+    -> batch(batch_size // process_count)             local-size blocks of consecutive records
+    -> [process_index::process_count]                 per-process share AFTER the random map, so
                                                       processes draw different randomness
-    -> batch(batch_size // process_count)
 
-Process p's j-th row of batch k is record k * batch_size + j * process_count + p of the
-single-process stream: the processes' batch k together hold exactly the single-process batch k
-(interleaved), and no record is used twice.
+Process p's j-th row of batch k is record k * batch_size + p * batch_size // process_count + j of
+the single-process stream: the processes' batch k, concatenated in process order (what
+`jax.make_array_from_process_local_data` builds), is exactly the single-process batch k, row for
+row, and no record is used twice. Row order matters: the train step draws per-row noise.
 """
 
 from __future__ import annotations
@@ -155,8 +156,8 @@ def build_train_dataset(
     ds = ds.repeat(None)  # reseed_each_epoch: the shuffle above changes every epoch.
     ds = ds.map(PadToRecord(_min_size(data_cfg)))
     ds = ds.random_map(transform, seed=derive_seed(data_cfg.seed, _TRAIN_TRANSFORM))
-    ds = ds[process_index::process_count]
-    return ds.batch(batch, drop_remainder=True)
+    ds = ds.batch(batch, drop_remainder=True)
+    return ds[process_index::process_count]
 
 
 def _init_worker(worker_index: int, worker_count: int) -> None:

@@ -149,3 +149,28 @@ def assert_same_config_across_processes(config: Any) -> None:
             f"Config differs from process 0's on process(es) {differ} "
             f"(fingerprint prefixes: {[d.tobytes().hex()[:12] for d in all_digests]})."
         )
+
+
+def to_host(tree: Any) -> Any:
+    """numpy copies of a tree's arrays on every process, fetching the shards that live on other
+    processes' devices (`process_allgather`) where an array is not fully addressable.
+
+    A collective when any array spans several processes: every process must call it, with the
+    same tree, in the same order. `jax.device_get` alone fails on such arrays (FSDP over hosts).
+    """
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(get, tree)
+
+
+def barrier(name: str) -> None:
+    """All processes wait here until every process has arrived (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -17,6 +17,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from cdd_jax.parallel.distributed import barrier, to_host
+
 PyTree = Any
 ITEMS = ("state", "data", "config")
 
@@ -131,11 +133,14 @@ def export_params(path: str, params: PyTree, metadata: dict) -> None:
     """Writes a standalone parameter checkpoint (e.g. a teacher's EMA params) plus metadata JSON."""
     path = os.path.abspath(path)
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(path, "params"), jax.device_get(params), force=True)
+    # Every process calls this (Orbax saves collectively); arrays sharded over several processes
+    # are gathered first (`to_host`), and the metadata is complete before any process returns.
+    ckptr.save(os.path.join(path, "params"), to_host(params), force=True)
     ckptr.wait_until_finished()
     if jax.process_index() == 0:
         with open(os.path.join(path, "metadata.json"), "w") as f:
             json.dump(metadata, f, indent=2, sort_keys=True)
+    barrier("cdd_jax:export_params")
 
 
 def load_params(path: str, *, which: str = "ema_params") -> tuple[PyTree, dict]:

@@ -30,6 +30,7 @@ from cdd_jax.distill.objectives import compute_loss, needs_target, needs_teacher
 from cdd_jax.distill.sampling import few_step_sample
 from cdd_jax.models.conditional import ConditionalUNet, check_same_structure, init_from_teacher
 from cdd_jax.models.unet import UNet, init_params, unet_kwargs
+from cdd_jax.parallel.distributed import to_host
 from cdd_jax.parallel.sharding import unbox
 from cdd_jax.train import presets
 from cdd_jax.train.checkpoint import export_params, load_params
@@ -240,7 +241,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> tuple[PyTree, d
     job, heldout = pretrain_job(config)
     size = config.data.crop_size
     state = train(job, config, workdir)
-    params = jax.device_get(state.ema_params)
+    params = to_host(state.ema_params)  # collective when FSDP spans several processes
     meta = {
         "model": config.model.to_dict(),
         "diffusion": config.diffusion.to_dict(),
@@ -249,8 +250,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> tuple[PyTree, d
         "heldout_vloss_ema": float(heldout(state.ema_params)),
     }
     export_params(os.path.join(workdir, "export"), params, meta)
-    with open(os.path.join(workdir, "export", "metadata.json")) as f:
-        logging.info("exported teacher: %s", f.read())
+    logging.info("exported teacher to %s: %s", os.path.join(workdir, "export"),
+                 json.dumps(meta, sort_keys=True))
     return params, meta
 
 
@@ -367,7 +368,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, teacher_params: PyT
                                           finetuned_params=finetuned_params,
                                           initial_params=initial_params)
     state = train(job, config, workdir)
-    return jax.device_get(state.ema_params), apply_fn, schedule
+    return to_host(state.ema_params), apply_fn, schedule  # collective under multi-host FSDP
 
 
 def evaluate_sr(config, workdir: str, apply_fn, params, schedule, eval_set: dict) -> list[dict]:

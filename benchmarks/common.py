@@ -28,6 +28,8 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(REPO, "benchmarks", "results")
 XNN_GREEDY = "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"
+# XLA:CPU without its XNNPACK/YNNPACK library fusions (convolutions and dots then run on Eigen).
+NO_XNNPACK = "--xla_cpu_use_xnnpack=false"
 # XLA:CPU on one thread (Eigen's intra-op pool); PyTorch workers get OMP_NUM_THREADS=1 beside it.
 XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 

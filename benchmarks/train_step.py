@@ -16,13 +16,14 @@ Contenders run in separate worker processes and are timed in alternation (A/B/A/
   peer           the same shapes in PyTorch (`peer_torch.py`: diffusers UNet2DModel, or
                  UNet2DConditionModel + ControlNetModel for CoDi), eager mode
   cdd_jax+xnn    with XLA_FLAGS += --xla_cpu_experimental_xnn_graph_fusion_mode=..._GREEDY
+  cdd_jax-xnnpack  with XLA_FLAGS += --xla_cpu_use_xnnpack=false (Eigen convolutions and dots)
   cdd_jax+remat  with model.remat = True (rematerialised residual blocks)
   cdd_jax-nodonate  without donate_argnums (what donation saves)
 The cdd_jax worker also times the EMA update as a separate jitted call, i.e. what the step
 would cost if the EMA were not fused into it.
 
     python benchmarks/train_step.py [--variants=default,large] [--kinds=pretrain,codi]
-        [--rounds=6] [--per_round=2] [--experiments=xnn,remat,nodonate] [--no_peer]
+        [--rounds=6] [--per_round=2] [--experiments=xnn,noxnnpack,remat,nodonate] [--no_peer]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ if __package__ in (None, ""):
 
 from benchmarks import common  # noqa: E402
 
-EXPERIMENTS = ("xnn", "remat", "nodonate")
+EXPERIMENTS = ("xnn", "noxnnpack", "remat", "nodonate")
 
 
 class JaxStep(common.TrainStepBench):
@@ -100,6 +101,13 @@ def run_group(kind: str, variant: str, args, rooflines: list[common.Worker]) -> 
             workers.append(
                 common.Worker(
                     "cdd_jax+xnn" + sfx, JaxStep, kind, variant, env={**env, "XLA_FLAGS": flags}
+                )
+            )
+        if "noxnnpack" in exps:
+            flags = (env.get("XLA_FLAGS", base) + " " + common.NO_XNNPACK).strip()
+            workers.append(
+                common.Worker(
+                    "cdd_jax-xnnpack" + sfx, JaxStep, kind, variant, env={**env, "XLA_FLAGS": flags}
                 )
             )
         if "remat" in exps:

@@ -25,7 +25,6 @@ from cdd_jax.models.layers import Conv, TimeEmbedding
 from cdd_jax.models.unet import Encoder, Middle, UNet, unet_kwargs
 
 Dtype = Any
-NEW_PARAM_GROUPS = ("cond_embed", "gate_skip_", "gate_middle", "input_gate")
 
 
 def adapter_config() -> ml_collections.ConfigDict:
@@ -220,8 +219,3 @@ def check_same_structure(a: dict, b: dict, name_a: str, name_b: str) -> None:
                 f"architecture mismatch at {k}: {name_a} has shape {jnp.shape(fa[k])}, "
                 f"{name_b} has {jnp.shape(fb[k])}; check model.* in the config"
             )
-
-
-def is_new_param(path: str) -> bool:
-    """True for parameters that did not exist in the teacher (embedder, gates)."""
-    return "control" in path and any(g in path for g in NEW_PARAM_GROUPS)

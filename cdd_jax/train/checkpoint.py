@@ -112,10 +112,7 @@ class Checkpointer:
                     n += 1
                 os.rename(src, dst)
                 logging.warning("moved unreadable checkpoint %s to %s", src, dst)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("cdd_jax_checkpoint_quarantine")
+        barrier("cdd_jax_checkpoint_quarantine")
         self.manager.reload()
 
     def reached_preemption(self, step: int) -> bool:

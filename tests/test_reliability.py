@@ -450,11 +450,14 @@ BAD_VALUES = [
     # Super-resolution keys (checked on the tiny SR config).
     ("adapter.anchor_precision", -1.0, r"adapter.anchor_precision must be in \[0"),
     ("adapter.anchor_factor", 2, "adapter.anchor_factor 2 must equal degradation.scale 4"),
+    ("evaluate.renoise", ("ddim", "eta"), "evaluate.renoise must be a non-empty tuple"),
+    ("evaluate.renoise", ("fresh", "fresh"), "evaluate.renoise must be a non-empty tuple"),
 ]
 SR_SECTIONS = ("adapter", "distill", "degradation", "teacher", "evaluate")
 
 
-@pytest.mark.parametrize("key,value,message", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+@pytest.mark.parametrize("key,value,message", BAD_VALUES,
+                         ids=[f"{b[0]}={b[1]}" for b in BAD_VALUES])
 def test_out_of_range_config_values_fail_before_anything_runs(
     tmp_path, monkeypatch, key, value, message
 ):

@@ -216,8 +216,10 @@ def test_sr_job_end_to_end_from_python(tmp_path):
     config.teacher.pretrain.train.num_steps = 4
     wd = str(tmp_path / "wd")
     rows = cdd_jax.train_and_evaluate(config, wd)
-    methods = {(r["method"], r["steps"]) for r in rows}
-    assert {("bicubic", 0), ("codi", 1), ("codi", 2), ("codi", 4)} <= methods
+    methods = {(r["method"], r["sampler"], r["steps"]) for r in rows}
+    assert methods == {("bicubic", "none", 0), ("codi", "ddim-uniform", 1),
+                       ("codi", "ddim-uniform", 2), ("codi", "ddim-uniform", 4),
+                       ("codi", "fresh-uniform", 2), ("codi", "fresh-uniform", 4)}
     saved = json.load(open(os.path.join(wd, "eval", "results.json")))
     assert len(saved) == len(rows)
     assert os.path.exists(os.path.join(wd, "eval", "results.md"))

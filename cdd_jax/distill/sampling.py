@@ -2,6 +2,14 @@
 
 All samplers start from z_T ~ N(0, I) at t = 1 and are deterministic given `rng` (DDIM and
 DPM-Solver++ use it only for z_T). Jittable with the step count and grid static.
+
+Two ways to go from one time of the grid to the next (`renoise`):
+- "ddim" (the paper, ../shared/specs/codi.md section 3): z_s = alpha_s x_hat + sigma_s eps_hat with
+  the noise the network implies, eps_hat = (z_t - alpha_t x_hat) / sigma_t; no noise re-injection.
+- "fresh": z_s = alpha_s x_hat + sigma_s n with NEW Gaussian noise n (the multistep sampler of
+  consistency models, Song et al. 2023, Algorithm 1). The next network input then has exactly the
+  training distribution's noise, whereas eps_hat carries whatever the prediction got wrong; with
+  an exact denoiser both give the data (tested).
 """
 
 from __future__ import annotations
@@ -14,10 +22,12 @@ import ml_collections
 import numpy as np
 
 from cdd_jax.diffusion import SAMPLERS, Schedule, add_noise, released_grid, sample, time_grid
+from cdd_jax.diffusion.parameterization import bcast, x_from_v
 from cdd_jax.distill.baselines import consistency_fn
 from cdd_jax.distill.codi import ApplyFn, as_model_fn
 
 GRIDS = ("uniform", "released")
+RENOISE = ("ddim", "fresh")
 
 
 def sampling_grid(grid: str, num_steps: int, train_steps: int = 50) -> np.ndarray:
@@ -77,20 +87,41 @@ def few_step_sample(
     grid: str = "uniform",
     train_steps: int = 50,
     shape: tuple[int, ...] | None = None,
+    renoise: str = "ddim",
 ) -> jax.Array:
-    """K-step DDIM sampling of a distilled student (the paper's few-step sampler); returns x."""
-    return teacher_sample(
-        apply_fn,
-        params,
-        cond,
-        rng,
-        schedule=schedule,
-        num_steps=num_steps,
-        sampler="ddim",
-        grid=grid,
-        train_steps=train_steps,
-        shape=shape,
-    )
+    """K-step sampling of a distilled student; returns x. `renoise` (module docstring): "ddim"
+    is the paper's few-step sampler, "fresh" re-noises each prediction with new noise."""
+    if renoise == "ddim":
+        return teacher_sample(apply_fn, params, cond, rng, schedule=schedule,
+                              num_steps=num_steps, sampler="ddim", grid=grid,
+                              train_steps=train_steps, shape=shape)
+    if renoise != "fresh":
+        raise ValueError(f"unknown renoise {renoise!r}; valid: {RENOISE}")
+    timesteps = sampling_grid(grid, num_steps, train_steps)
+    z = _start(cond, rng, shape)  # The same z_T as "ddim": with K = 1 the two are identical.
+    model_fn = as_model_fn(apply_fn, params, cond, z.shape[0])
+
+    def predict(z_t, t):
+        alpha, sigma = schedule.alpha_sigma(t)
+        return x_from_v(z_t, model_fn(z_t, t), bcast(alpha, z_t.ndim), bcast(sigma, z_t.ndim))
+
+    return _renoise_fresh(predict, z, [float(t) for t in timesteps if t > 0], schedule,
+                          jax.random.fold_in(rng, 1))
+
+
+def _renoise_fresh(predict, z: jax.Array, times: list[float], schedule: Schedule,
+                   rng: jax.Array) -> jax.Array:
+    """x = predict(z, t_0); then for each later t: z = alpha_t x + sigma_t n (n fresh), x =
+    predict(z, t). `times` decreasing and positive; `predict(z, t)` takes t of shape (B,)."""
+    x = z
+    for i, t in enumerate(times):
+        t_b = jnp.full((z.shape[0],), t, jnp.float32)
+        if i > 0:
+            alpha, sigma = schedule.alpha_sigma(t_b)
+            noise = jax.random.normal(jax.random.fold_in(rng, i), z.shape, jnp.float32)
+            z = add_noise(x, noise, alpha, sigma)
+        x = predict(z, t_b)
+    return x
 
 
 def consistency_sample(
@@ -111,14 +142,8 @@ def consistency_sample(
     timesteps = sampling_grid(grid, num_steps, train_steps)
     rng_start, rng_steps = jax.random.split(rng)
     z = _start(cond, rng_start, shape)
-    batch_size = z.shape[0]
     times = [float(t) for t in timesteps if t > cm_cfg.eps_t_min]
-    x = z
-    for i, t in enumerate(times):
-        t_b = jnp.full((batch_size,), t, jnp.float32)
-        if i > 0:
-            alpha, sigma = schedule.alpha_sigma(t_b)
-            noise = jax.random.normal(jax.random.fold_in(rng_steps, i), z.shape, jnp.float32)
-            z = add_noise(x, noise, alpha, sigma)
-        x = consistency_fn(apply_fn, params, z, t_b, cond, None, schedule=schedule, cm_cfg=cm_cfg)
-    return x
+    return _renoise_fresh(
+        lambda z_t, t: consistency_fn(apply_fn, params, z_t, t, cond, None, schedule=schedule,
+                                      cm_cfg=cm_cfg),
+        z, times, schedule, rng_steps)

@@ -148,6 +148,10 @@ def sr_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.evaluate = ml_collections.ConfigDict()
     c.evaluate.student_steps = (1, 2, 4)  # K of the few-step student sampler.
     c.evaluate.grid = "uniform"  # Student time grid: "uniform" or "released" (authors' code).
+    # How the student's K-step sampler re-noises between steps, one table row each (K = 1 is the
+    # same for all, so it is evaluated once): "ddim" (the paper: the noise the network implies)
+    # and "fresh" (new Gaussian noise, as consistency models do); distill/sampling.py.
+    c.evaluate.renoise = ("ddim", "fresh")
     c.evaluate.metrics = ("psnr", "ssim", "lpips_alex")  # Also available: "lpips_vgg".
     c.evaluate.batch_size = 16  # Images per evaluation batch.
     c.evaluate.num_grid_images = 8  # Rows of the PNG comparison grid.

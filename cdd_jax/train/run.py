@@ -115,6 +115,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
         validate_degradation_config(config.degradation, config.data.crop_size)
         validate_distill_config(config.distill)
+        if config.stage == "sr":
+            from cdd_jax.distill.sampling import RENOISE
+
+            renoise = tuple(config.evaluate.get("renoise", ()))
+            if not renoise or len(set(renoise)) != len(renoise) or set(renoise) - set(RENOISE):
+                raise ValueError(f"evaluate.renoise must be a non-empty tuple of distinct "
+                                 f"values from {RENOISE}, got {renoise!r}")
         number("adapter.anchor_precision", 0)
         number("adapter.anchor_factor", 1, integer=True)
         if config.adapter.anchor_precision > 0 and (
@@ -337,11 +344,13 @@ def distill_job(config: ml_collections.ConfigDict, teacher_params: PyTree, eval_
     @jax.jit
     def student_psnr(params):
         out = {}
-        for k in (1, 4):
+        for k, renoise in [(1, "ddim")] + [(4, r) for r in config.evaluate.renoise]:
             x = few_step_sample(apply_fn, params, probe["cond"], jax.random.key(7),
-                                schedule=schedule, num_steps=k, grid=config.evaluate.grid)
+                                schedule=schedule, num_steps=k, grid=config.evaluate.grid,
+                                renoise=renoise)
             mse = jnp.mean((jnp.clip(x, -1, 1) - probe["image"]) ** 2, axis=(1, 2, 3)) / 4.0
-            out[f"heldout_psnr_K{k}"] = jnp.mean(-10 * jnp.log10(mse))
+            name = f"heldout_psnr_K{k}" + ("" if renoise == "ddim" else f"_{renoise}")
+            out[name] = jnp.mean(-10 * jnp.log10(mse))
         return out
 
     sr = SRPairTransform(config.degradation, size)
@@ -371,6 +380,12 @@ def distill(config: ml_collections.ConfigDict, workdir: str, teacher_params: PyT
     return to_host(state.ema_params), apply_fn, schedule  # collective under multi-host FSDP
 
 
+def _student_key(k: int, renoise: str, all_renoise) -> str:
+    """Method key of the student at K steps: "student_K4", or "student_K4_fresh" for a
+    re-noising other than the first configured one."""
+    return f"student_K{k}" + ("" if renoise == all_renoise[0] else f"_{renoise}")
+
+
 def evaluate_sr(config, workdir: str, apply_fn, params, schedule, eval_set: dict) -> list[dict]:
     """Stage 3: PSNR / SSIM / LPIPS of bicubic and the student at K steps; results and a grid."""
     from cdd_jax.evaluate.figures import image_grid
@@ -381,18 +396,25 @@ def evaluate_sr(config, workdir: str, apply_fn, params, schedule, eval_set: dict
     ecfg = config.evaluate
     params = jax.device_put(params)
     methods = {"bicubic": bicubic_method()}
-    for k in ecfg.student_steps:
-        fn = jax.jit(lambda cond, rng, k=k: few_step_sample(
-            apply_fn, params, cond, rng, schedule=schedule, num_steps=k, grid=ecfg.grid))
-        methods[f"student_K{k}"] = MethodSpec(config.distill.objective, f"ddim-{ecfg.grid}", k,
-                                              lambda cond, lq, rng, fn=fn: fn(cond, rng))
+    for renoise in ecfg.renoise:
+        for k in ecfg.student_steps:
+            if k == 1 and renoise != ecfg.renoise[0]:
+                continue  # One step never re-noises: the same samples as the first row's.
+            fn = jax.jit(lambda cond, rng, k=k, r=renoise: few_step_sample(
+                apply_fn, params, cond, rng, schedule=schedule, num_steps=k, grid=ecfg.grid,
+                renoise=r))
+            methods[_student_key(k, renoise, ecfg.renoise)] = MethodSpec(
+                config.distill.objective, f"{renoise}-{ecfg.grid}", k,
+                lambda cond, lq, rng, fn=fn: fn(cond, rng))
     results = evaluate_methods(methods, eval_set, MetricSuite(ecfg.metrics),
                                batch_size=ecfg.batch_size, rng_seed=config.seed)
     out = os.path.join(workdir, "eval")
     n = ecfg.num_grid_images
     columns = {"LQ input": eval_set["lq"][:n], "bicubic": eval_set["cond"][:n]}
-    for k in ecfg.student_steps:
-        columns[f"student K={k}"] = results.predictions[f"student_K{k}"][:n]
+    for key in methods:
+        if key != "bicubic":
+            columns[key.replace("student_K", "student K=").replace("_", " ")] = (
+                results.predictions[key][:n])
     columns["ground truth"] = eval_set["image"][:n]
     if jax.process_index() == 0:
         write_results(list(results), out, "Super-resolution x4 on held-out crops",

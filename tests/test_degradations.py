@@ -365,6 +365,28 @@ def test_gt_preparation_pads_with_reflect101_and_keeps_pixels():
     np.testing.assert_allclose(lq, ref, atol=1e-6)
 
 
+def test_channel_shuffle_permutes_the_gt_channels_and_is_off_by_default():
+    assert deg.degradation_config("realesrgan").channel_shuffle_prob == 0.0
+    image = _photo(48, 48)
+    plain_cfg = deg.degradation_config("bicubic")
+    plain_cfg.flip_prob = 0.0
+    shuffled_cfg = deg.degradation_config("bicubic")
+    shuffled_cfg.flip_prob, shuffled_cfg.channel_shuffle_prob = 0.0, 1.0
+    perms = set()
+    for seed in range(8):
+        plain = deg.SRPairTransform(plain_cfg, 32).random_map(
+            {"image": image}, np.random.default_rng(seed))["image"]
+        shuf = deg.SRPairTransform(shuffled_cfg, 32).random_map(
+            {"image": image}, np.random.default_rng(seed))["image"]
+        # the crop is drawn before the permutation, and USM works per channel, so the shuffled
+        # GT is the plain GT with its channels permuted
+        match = [p for p in itertools.permutations(range(3))
+                 if np.allclose(shuf, plain[..., list(p)], atol=1e-6)]
+        assert match, f"seed {seed}: not a channel permutation"
+        perms.add(match[0])
+    assert len(perms) > 1  # permutations really vary
+
+
 def test_sharpened_target_is_the_usm_of_the_crop():
     cfg = deg.degradation_config("bicubic")
     cfg.flip_prob, cfg.use_sharpen = 0.0, True

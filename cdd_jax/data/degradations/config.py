@@ -44,6 +44,10 @@ def degradation_config(preset: str = "realesrgan") -> ml_collections.ConfigDict:
     c.degrade_size = 400
     # Probability of a horizontal flip of the source image.
     c.flip_prob = 0.5
+    # Probability of a random permutation of the GT crop's colour channels (an augmentation, not
+    # part of Real-ESRGAN; 0 = off, and then no random number is drawn for it). With few training
+    # photos it keeps a restoration from learning their colour statistics.
+    c.channel_shuffle_prob = 0.0
     # Unsharp-mask the GT crop; the sharpened GT is both the degradation input and the target.
     c.use_sharpen = True
     # USM Gaussian kernel side (odd; sigma follows OpenCV's rule: 8.0 for 51).
@@ -169,6 +173,7 @@ _RANGES = (
 )
 _PROBS = (
     "flip_prob",
+    "channel_shuffle_prob",
     "sinc_prob",
     "sinc_prob2",
     "final_sinc_prob",

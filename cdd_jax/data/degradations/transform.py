@@ -163,7 +163,7 @@ class SRPairTransform(grain.transforms.RandomMap):
     gt: (crop, crop, 3), the (sharpened, if use_sharpen) GT crop; lq: (crop / scale, ...) on the
     1/255 grid before the affine map; cond: lq resized to crop size (bicubic, clipped).
     Steps: flip -> reflect-101 pad (bottom/right) to the degradation crop -> random crop ->
-    USM -> degrade the whole crop -> paired random crop of (gt, lq) down to `crop_size`.
+    (channel shuffle, if channel_shuffle_prob) -> USM -> degrade the whole crop -> paired random crop of (gt, lq) down to `crop_size`.
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, crop_size: int):
@@ -196,6 +196,9 @@ class SRPairTransform(grain.transforms.RandomMap):
         top = rng.integers(h - size + 1)
         left = rng.integers(w - size + 1)
         crop = image[top : top + size, left : left + size]
+        shuffle = getattr(self.cfg, "channel_shuffle_prob", 0.0)  # absent in older saved configs
+        if shuffle > 0 and rng.random() < shuffle:
+            crop = crop[..., rng.permutation(3)]
         return crop.astype(np.float32) / np.float32(255.0)
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:

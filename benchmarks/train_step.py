@@ -17,13 +17,14 @@ Contenders run in separate worker processes and are timed in alternation (A/B/A/
                  UNet2DConditionModel + ControlNetModel for CoDi), eager mode
   cdd_jax+xnn    with XLA_FLAGS += --xla_cpu_experimental_xnn_graph_fusion_mode=..._GREEDY
   cdd_jax-xnnpack  with XLA_FLAGS += --xla_cpu_use_xnnpack=false (Eigen convolutions and dots)
+  cdd_jax+conc   with XLA_FLAGS += --xla_cpu_enable_concurrency_optimized_scheduler=true
   cdd_jax+remat  with model.remat = True (rematerialised residual blocks)
   cdd_jax-nodonate  without donate_argnums (what donation saves)
 The cdd_jax worker also times the EMA update as a separate jitted call, i.e. what the step
 would cost if the EMA were not fused into it.
 
     python benchmarks/train_step.py [--variants=default,large] [--kinds=pretrain,codi]
-        [--rounds=6] [--per_round=2] [--experiments=xnn,noxnnpack,remat,nodonate] [--no_peer]
+        [--rounds=6] [--per_round=2] [--experiments=xnn,noxnnpack,concurrent,remat,nodonate] [--no_peer]
 """
 
 from __future__ import annotations
@@ -39,7 +40,14 @@ if __package__ in (None, ""):
 
 from benchmarks import common  # noqa: E402
 
-EXPERIMENTS = ("xnn", "noxnnpack", "remat", "nodonate")
+# Contenders that differ from cdd_jax only by extra XLA flags: name -> (label, flags).
+FLAG_EXPERIMENTS = {
+    "xnn": ("cdd_jax+xnn", common.XNN_GREEDY),
+    "noxnnpack": ("cdd_jax-xnnpack", common.NO_XNNPACK),
+    # Lets XLA:CPU's thunk executor run independent ops at the same time (more cores busy).
+    "concurrent": ("cdd_jax+conc", "--xla_cpu_enable_concurrency_optimized_scheduler=true"),
+}
+EXPERIMENTS = (*FLAG_EXPERIMENTS, "remat", "nodonate")
 
 
 class JaxStep(common.TrainStepBench):
@@ -96,20 +104,12 @@ def run_group(kind: str, variant: str, args, rooflines: list[common.Worker]) -> 
                     )
                 )
         sfx, env = ("", {}) if args.experiment_threads == "all" else ("@1t", _env_1t(base))
-        if "xnn" in exps:
-            flags = (env.get("XLA_FLAGS", base) + " " + common.XNN_GREEDY).strip()
-            workers.append(
-                common.Worker(
-                    "cdd_jax+xnn" + sfx, JaxStep, kind, variant, env={**env, "XLA_FLAGS": flags}
-                )
-            )
-        if "noxnnpack" in exps:
-            flags = (env.get("XLA_FLAGS", base) + " " + common.NO_XNNPACK).strip()
-            workers.append(
-                common.Worker(
-                    "cdd_jax-xnnpack" + sfx, JaxStep, kind, variant, env={**env, "XLA_FLAGS": flags}
-                )
-            )
+        for e in exps:
+            if e in FLAG_EXPERIMENTS:
+                label, extra = FLAG_EXPERIMENTS[e]
+                flags = (env.get("XLA_FLAGS", base) + " " + extra).strip()
+                workers.append(common.Worker(label + sfx, JaxStep, kind, variant,
+                                             env={**env, "XLA_FLAGS": flags}))
         if "remat" in exps:
             workers.append(
                 common.Worker("cdd_jax+remat" + sfx, JaxStep, kind, variant, env=env, remat=True)

@@ -589,6 +589,38 @@ class TrainStepBench(Bench):
 # ----------------------------------------------------------------------------------------------
 
 
+def load_sr_run(workdir: str) -> dict[str, Any]:
+    """A finished `configs/sr.py` run (config_sr.json + distill/ checkpoints) and its held-out set:
+    {"config", "params" (EMA), "apply_fn", "schedule", "eval_set"}."""
+    import json
+
+    import ml_collections
+
+    from cdd_jax.data.degradations import SRPairTransform, degradation_config
+    from cdd_jax.data.pipeline import make_eval_set
+    from cdd_jax.diffusion import get_schedule
+    from cdd_jax.models.conditional import ConditionalUNet
+    from cdd_jax.train.checkpoint import load_params
+    from cdd_jax.train.run import _cond_apply
+
+    config_path = os.path.join(workdir, "config_sr.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} not found: --workdir must be a configs/sr.py run")
+    with open(config_path) as f:
+        cfg = ml_collections.ConfigDict(json.load(f))
+    # Runs saved before a degradation option existed: that option at its default (off).
+    degradation = degradation_config(cfg.degradation.preset)
+    degradation.update(cfg.degradation.to_dict())
+    cfg.degradation = degradation
+    params, _ = load_params(os.path.join(workdir, "distill"))
+    eval_set = make_eval_set(
+        cfg.data, task="sr", sr_transform=SRPairTransform(cfg.degradation, cfg.data.crop_size)
+    )
+    model = ConditionalUNet.from_config(cfg.model, cfg.adapter, cfg.diffusion.schedule)
+    return {"config": cfg, "params": params, "apply_fn": _cond_apply(model),
+            "schedule": get_schedule(cfg.diffusion.schedule), "eval_set": eval_set}
+
+
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def fmt(x):
         if isinstance(x, float):

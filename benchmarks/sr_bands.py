@@ -50,28 +50,16 @@ def main(argv=None) -> None:
 
     import jax
     import jax.numpy as jnp
-    import ml_collections
     import numpy as np
 
-    from cdd_jax.data.degradations import SRPairTransform
-    from cdd_jax.data.pipeline import make_eval_set
-    from cdd_jax.diffusion import get_schedule
     from cdd_jax.distill.sampling import few_step_sample
     from cdd_jax.evaluate.metrics import MetricSuite
-    from cdd_jax.models.conditional import ConditionalUNet, lowpass
-    from cdd_jax.train.checkpoint import load_params
-    from cdd_jax.train.run import _cond_apply
+    from cdd_jax.models.conditional import lowpass
 
-    config_path = os.path.join(args.workdir, "config_sr.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found: --workdir must be a configs/sr.py run")
-    with open(config_path) as f:
-        cfg = ml_collections.ConfigDict(json.load(f))
-    params, _ = load_params(os.path.join(args.workdir, "distill"))
+    run = common.load_sr_run(args.workdir)
+    cfg, params, eval_set = run["config"], run["params"], run["eval_set"]
+    apply_fn, schedule = run["apply_fn"], run["schedule"]
     factor = int(cfg.degradation.scale)
-    eval_set = make_eval_set(
-        cfg.data, task="sr", sr_transform=SRPairTransform(cfg.degradation, cfg.data.crop_size)
-    )
     cond, image = jnp.asarray(eval_set["cond"]), np.asarray(eval_set["image"])
     metrics = MetricSuite(("psnr", "lpips_alex"))
 
@@ -90,8 +78,6 @@ def main(argv=None) -> None:
     score("lp(c)", lp(cond))
     score("lp(ground truth)", lp(image))
     score("lp(ground truth) + high band of c", lp(image) + cond - lp(cond))
-    model = ConditionalUNet.from_config(cfg.model, cfg.adapter, cfg.diffusion.schedule)
-    apply_fn, schedule = _cond_apply(model), get_schedule(cfg.diffusion.schedule)
     for k in (int(s) for s in args.steps.split(",") if s):
         sample = jax.jit(
             lambda c, r, k=k: few_step_sample(apply_fn, params, c, r, schedule=schedule,

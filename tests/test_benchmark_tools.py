@@ -28,3 +28,23 @@ def test_profile_sums_xla_ops_per_step_and_drops_host_events():
     assert cats["ynn_fusion"]["ms"] == pytest.approx(2.0)  # 4 ms over 2 steps
     assert cats["ynn_fusion"]["count"] == pytest.approx(1.0)
     assert cats["copy"]["ms"] == pytest.approx(0.25)
+
+
+def test_paired_summary_averages_seeds_per_crop_and_calls_ties():
+    import numpy as np
+
+    from benchmarks.sr_paired import paired_summary
+
+    # 2 seeds x 4 crops; seed-averaged per-crop differences are 1, 1, 1, 1 -> stderr 0 -> "yes"
+    d = np.array([[0.5, 1.5, 1.0, 2.0], [1.5, 0.5, 1.0, 0.0]])
+    s = paired_summary(d, higher_is_better=True)
+    assert s["mean"] == pytest.approx(1.0) and s["stderr"] == pytest.approx(0.0)
+    assert s["per_seed_means"] == pytest.approx([1.25, 0.75])
+    assert s["beats_bicubic"] == "yes" and s["win_fraction"] == 1.0
+    # lower is better (LPIPS): the same positive differences are a loss
+    assert paired_summary(d, higher_is_better=False)["beats_bicubic"] == "no"
+    # mean 0.25, per-crop std 1.5 over 4 crops -> stderr 0.75 > mean / 2 -> tie
+    t = paired_summary(np.array([[1.75, -1.25, 1.75, -1.25]]), higher_is_better=True)
+    assert t["mean"] == pytest.approx(0.25)
+    assert t["stderr"] == pytest.approx(np.std([1.75, -1.25, 1.75, -1.25], ddof=1) / 2)
+    assert t["beats_bicubic"] == "tie" and t["win_fraction"] == 0.5

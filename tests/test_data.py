@@ -459,6 +459,24 @@ def test_sr_task_applies_the_given_transform():
     assert set(ev) == {"image", "lq", "cond"} and ev["lq"].shape == (5, 4, 4, 3)
 
 
+def test_channel_shuffle_is_training_only_and_leaves_eval_crops_unchanged():
+    from cdd_jax.data.degradations import SRPairTransform, degradation_config
+
+    cfg = small_cfg()
+    plain = degradation_config("bicubic")
+    shuffled = degradation_config("bicubic")
+    shuffled.channel_shuffle_prob = 1.0
+    ev_plain = make_eval_set(cfg, task="sr", sr_transform=SRPairTransform(plain, 16), num_crops=6)
+    ev_shuf = make_eval_set(cfg, task="sr", sr_transform=SRPairTransform(shuffled, 16),
+                            num_crops=6)
+    for k in ev_plain:
+        np.testing.assert_array_equal(ev_plain[k], ev_shuf[k])
+    tr_plain = take(build_train_dataset(cfg, task="sr", sr_transform=SRPairTransform(plain, 16)), 1)
+    tr_shuf = take(build_train_dataset(cfg, task="sr", sr_transform=SRPairTransform(shuffled, 16)),
+                   1)
+    assert not np.array_equal(tr_plain[0]["image"], tr_shuf[0]["image"])
+
+
 def test_eval_set_is_fixed_and_cycles_the_eval_images():
     cfg = small_cfg(num_eval_crops=6)
     a, b = make_eval_set(cfg), make_eval_set(cfg)

@@ -99,6 +99,8 @@ def _transform(
             raise ValueError("task='sr' needs sr_transform (e.g. degradations.SRPairTransform)")
         if not hasattr(sr_transform, "random_map"):
             raise TypeError(f"sr_transform must be a grain RandomMap, got {type(sr_transform)}")
+        if not train and hasattr(sr_transform, "for_eval"):
+            return sr_transform.for_eval()  # training-only augmentations off
         return sr_transform
     if sr_transform is not None:
         raise ValueError("sr_transform is only used with task='sr'")

@@ -8,6 +8,7 @@ the dataset per host).
 
 from __future__ import annotations
 
+import copy
 import types
 
 import cv2
@@ -178,6 +179,15 @@ class SRPairTransform(grain.transforms.RandomMap):
             f"degrade_size={self.degrade_size}, jpeg_impl={self.cfg.jpeg_impl!r})"
         )
 
+    def for_eval(self) -> SRPairTransform:
+        """This transform for held-out sets: training-only augmentation (the channel shuffle)
+        off; the degradation and everything else unchanged, so eval crops stay the same."""
+        if not self.cfg.channel_shuffle_prob:
+            return self
+        out = copy.copy(self)
+        out.cfg = types.SimpleNamespace(**{**vars(self.cfg), "channel_shuffle_prob": 0.0})
+        return out
+
     def _gt_crop(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         size = self.degrade_size
         if rng.random() < self.cfg.flip_prob:
@@ -196,7 +206,7 @@ class SRPairTransform(grain.transforms.RandomMap):
         top = rng.integers(h - size + 1)
         left = rng.integers(w - size + 1)
         crop = image[top : top + size, left : left + size]
-        shuffle = getattr(self.cfg, "channel_shuffle_prob", 0.0)  # absent in older saved configs
+        shuffle = self.cfg.channel_shuffle_prob
         if shuffle > 0 and rng.random() < shuffle:
             crop = crop[..., rng.permutation(3)]
         return crop.astype(np.float32) / np.float32(255.0)

@@ -135,11 +135,16 @@ def sr_config(variant: str = "default") -> ml_collections.ConfigDict:
     # Degrade the training crop itself: the reference's 400 px pre-crop costs ~17x more per pair
     # at 32-64 px crops and changes nothing a 32 px crop can see.
     c.degradation.degrade_size = 0
+    # Training-only augmentation (not part of Real-ESRGAN): permute the colour channels of half
+    # the training crops, so that seven photos' colours are not learned as a prior. +0.6 dB at
+    # 4 steps on held-out crops (BUILD_NOTES.md section 4). Off in "large" (real datasets).
+    c.degradation.channel_shuffle_prob = 0.5
     c.distill = distill_config()
-    # lambda = 10 (the paper: 1). With lambda = 1 the self-consistency term, which outweighs the
+    # lambda = 100 (the paper: 1). With lambda = 1 the self-consistency term, which outweighs the
     # signal term below t ~ 0.5, left ~9% of the noise in x_hat at t = 0.25 (the teacher: 2%)
-    # and 4-step samples full of invented texture (BUILD_NOTES.md section 4). Off in "large".
-    c.distill.lambda_x = 10.0
+    # and 4-step samples full of invented texture; 10 fixed most of it, 100 was better again on
+    # every held-out row (BUILD_NOTES.md section 4). Off in "large".
+    c.distill.lambda_x = 100.0
     c.teacher = ml_collections.ConfigDict()
     # Teacher checkpoint: an exported params dir, a pretraining workdir or its checkpoints/ dir.
     # Empty: pretrain one with `teacher.pretrain` in <workdir>/teacher (reused if already there).
@@ -195,6 +200,7 @@ def table1_config(variant: str = "default") -> ml_collections.ConfigDict:
     # the paper's lambda = 1.
     c.adapter.anchor_precision = 0.0
     c.distill.lambda_x = 1.0
+    c.degradation.channel_shuffle_prob = 0.0  # The published table was made without it.
     c.table1 = table1_section()
     if variant == "default":
         # Per trained row (GD: split over its rounds). Estimated ~55 min of training for the

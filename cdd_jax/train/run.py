@@ -411,10 +411,10 @@ def evaluate_sr(config, workdir: str, apply_fn, params, schedule, eval_set: dict
     out = os.path.join(workdir, "eval")
     n = ecfg.num_grid_images
     columns = {"LQ input": eval_set["lq"][:n], "bicubic": eval_set["cond"][:n]}
-    for key in methods:
+    for key, spec in methods.items():
         if key != "bicubic":
-            columns[key.replace("student_K", "student K=").replace("_", " ")] = (
-                results.predictions[key][:n])
+            label = f"K={spec.steps}" + ("" if spec.steps == 1 else f" {spec.sampler.split('-')[0]}")
+            columns[label] = results.predictions[key][:n]
     columns["ground truth"] = eval_set["image"][:n]
     if jax.process_index() == 0:
         write_results(list(results), out, "Super-resolution x4 on held-out crops",

@@ -164,7 +164,8 @@ class SRPairTransform(grain.transforms.RandomMap):
     gt: (crop, crop, 3), the (sharpened, if use_sharpen) GT crop; lq: (crop / scale, ...) on the
     1/255 grid before the affine map; cond: lq resized to crop size (bicubic, clipped).
     Steps: flip -> reflect-101 pad (bottom/right) to the degradation crop -> random crop ->
-    (channel shuffle, if channel_shuffle_prob) -> USM -> degrade the whole crop -> paired random crop of (gt, lq) down to `crop_size`.
+    (channel shuffle, if channel_shuffle_prob; training only, see `for_eval`) -> USM -> degrade
+    the whole crop -> paired random crop of (gt, lq) down to `crop_size`.
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, crop_size: int):

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from cdd_jax.diffusion import SAMPLERS, Schedule, add_noise, released_grid, sample, time_grid
-from cdd_jax.diffusion.parameterization import bcast, x_from_v
+from cdd_jax.diffusion.parameterization import x_from_v
 from cdd_jax.distill.baselines import consistency_fn
 from cdd_jax.distill.codi import ApplyFn, as_model_fn
 
@@ -103,7 +103,7 @@ def few_step_sample(
 
     def predict(z_t, t):
         alpha, sigma = schedule.alpha_sigma(t)
-        return x_from_v(z_t, model_fn(z_t, t), bcast(alpha, z_t.ndim), bcast(sigma, z_t.ndim))
+        return x_from_v(z_t, model_fn(z_t, t), alpha, sigma)  # broadcasts (B,) itself
 
     return _renoise_fresh(predict, z, [float(t) for t in timesteps if t > 0], schedule,
                           jax.random.fold_in(rng, 1))

@@ -555,9 +555,14 @@ class TrainStepBench(Bench):
         donate: bool = True,
         **model_overrides,
     ):
+        config = make_config(kind, variant, **model_overrides)
+        # As training does: split the CPU into devices (the preset's mesh.num_cpu_devices) before
+        # JAX starts; an explicit JAX_NUM_CPU_DEVICES in the worker's environment wins.
+        from cdd_jax.parallel.mesh import configure_cpu_devices
+
+        configure_cpu_devices(config.mesh.num_cpu_devices, config.data.batch_size)
         import jax
 
-        config = make_config(kind, variant, **model_overrides)
         job = pretrain_job(config) if kind == "pretrain" else codi_job(config)
         self.built = build_train_step(job, config, real_batch(config, kind), donate=donate)
         warm = self.built.timed_steps(warmup)[0]

@@ -149,9 +149,12 @@ def main() -> None:
     p.add_argument("--out_dir", default=common.RESULTS_DIR)
     args = p.parse_args()
 
+    from cdd_jax.parallel.mesh import configure_cpu_devices
     from cdd_jax.train import presets
 
     config = presets.sr_config("default")
+    # The real run below splits the CPU into devices as `train_and_evaluate` would.
+    configure_cpu_devices(config.mesh.num_cpu_devices, config.data.batch_size)
     machine = common.machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; {machine['uptime']}")
     settings = [int(w) for w in args.workers.split(",") if w != ""]

@@ -60,9 +60,12 @@ def main(argv=None) -> None:
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--out_dir", default=common.RESULTS_DIR)
     args = p.parse_args(argv)
-    import jax
+    from cdd_jax.parallel.mesh import configure_cpu_devices
 
     config = common.make_config(args.kind, args.variant)
+    configure_cpu_devices(config.mesh.num_cpu_devices, config.data.batch_size)  # as training does
+    import jax
+
     job = common.pretrain_job(config) if args.kind == "pretrain" else common.codi_job(config)
     built = common.build_train_step(job, config, common.real_batch(config, args.kind))
     built.timed_steps(3)

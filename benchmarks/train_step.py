@@ -12,7 +12,8 @@ the ratio to an f32 matmul roofline (2048^2 and 4096^2, best of the two) measure
 
 Contenders run in separate worker processes and are timed in alternation (A/B/A/B, see
 `common.interleave`), so the load of a shared machine falls on all of them alike:
-  cdd_jax        the real step
+  cdd_jax        the real step, as the preset configures it (the default presets: one XLA:CPU
+                 device per core, `mesh.num_cpu_devices = -1`)
   peer           the same shapes in PyTorch (`peer_torch.py`: diffusers UNet2DModel, or
                  UNet2DConditionModel + ControlNetModel for CoDi), eager mode
   cdd_jax+xnn    with XLA_FLAGS += --xla_cpu_experimental_xnn_graph_fusion_mode=..._GREEDY
@@ -20,11 +21,13 @@ Contenders run in separate worker processes and are timed in alternation (A/B/A/
   cdd_jax+conc   with XLA_FLAGS += --xla_cpu_enable_concurrency_optimized_scheduler=true
   cdd_jax+remat  with model.remat = True (rematerialised residual blocks)
   cdd_jax-nodonate  without donate_argnums (what donation saves)
+  cdd_jax@1dev / @2dev  with JAX_NUM_CPU_DEVICES = 1 / 2 (one XLA device; two, one per core)
 The cdd_jax worker also times the EMA update as a separate jitted call, i.e. what the step
 would cost if the EMA were not fused into it.
 
     python benchmarks/train_step.py [--variants=default,large] [--kinds=pretrain,codi]
-        [--rounds=6] [--per_round=2] [--experiments=xnn,noxnnpack,concurrent,remat,nodonate] [--no_peer]
+        [--rounds=6] [--per_round=2] [--no_peer]
+        [--experiments=xnn,noxnnpack,concurrent,cpu1,cpu2,remat,nodonate]
 """
 
 from __future__ import annotations
@@ -47,7 +50,14 @@ FLAG_EXPERIMENTS = {
     # Lets XLA:CPU's thunk executor run independent ops at the same time (more cores busy).
     "concurrent": ("cdd_jax+conc", "--xla_cpu_enable_concurrency_optimized_scheduler=true"),
 }
-EXPERIMENTS = (*FLAG_EXPERIMENTS, "remat", "nodonate")
+# Contenders that differ from cdd_jax only by environment variables: name -> (label, env).
+# The cdd_jax contender runs as the preset configures it: the default presets split the CPU into
+# one XLA device per core (`mesh.num_cpu_devices = -1`, the batch split over them).
+ENV_EXPERIMENTS = {
+    "cpu1": ("cdd_jax@1dev", {"JAX_NUM_CPU_DEVICES": "1"}),  # one XLA device (JAX's default)
+    "cpu2": ("cdd_jax@2dev", {"JAX_NUM_CPU_DEVICES": "2"}),
+}
+EXPERIMENTS = (*FLAG_EXPERIMENTS, *ENV_EXPERIMENTS, "remat", "nodonate")
 
 
 class JaxStep(common.TrainStepBench):
@@ -77,9 +87,10 @@ def _peer(kind: str, variant: str, warmup: int = 3, threads: int = 0):
 
 
 def _env_1t(base_flags: str) -> dict[str, str]:
-    """Environment of a one-thread worker: XLA's Eigen pool and OpenMP (PyTorch) at 1 thread."""
+    """Environment of a one-thread worker: XLA's Eigen pool and OpenMP (PyTorch) at 1 thread,
+    one XLA:CPU device."""
     flags = (base_flags + " " + common.XLA_ONE_THREAD).strip()
-    return {"XLA_FLAGS": flags, "OMP_NUM_THREADS": "1"}
+    return {"XLA_FLAGS": flags, "OMP_NUM_THREADS": "1", "JAX_NUM_CPU_DEVICES": "1"}
 
 
 def run_group(kind: str, variant: str, args, rooflines: list[common.Worker]) -> dict:
@@ -110,6 +121,10 @@ def run_group(kind: str, variant: str, args, rooflines: list[common.Worker]) -> 
                 flags = (env.get("XLA_FLAGS", base) + " " + extra).strip()
                 workers.append(common.Worker(label + sfx, JaxStep, kind, variant,
                                              env={**env, "XLA_FLAGS": flags}))
+            if e in ENV_EXPERIMENTS:
+                label, extra_env = ENV_EXPERIMENTS[e]
+                workers.append(common.Worker(label + sfx, JaxStep, kind, variant,
+                                             env={**env, **extra_env}))
         if "remat" in exps:
             workers.append(
                 common.Worker("cdd_jax+remat" + sfx, JaxStep, kind, variant, env=env, remat=True)
@@ -274,7 +289,7 @@ def main() -> None:
     )
     p.add_argument(
         "--experiments",
-        default="xnn,remat",
+        default="cpu1",
         help=f"Comma-separated extra cdd_jax contenders from {EXPERIMENTS} ('' for none).",
     )
     p.add_argument("--experiment_threads", default="1", choices=("all", "1"))

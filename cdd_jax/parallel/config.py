@@ -41,4 +41,10 @@ def mesh_config() -> ml_collections.ConfigDict:
     # Parameters (and their optimiser/EMA mirrors) smaller than this many bytes stay replicated:
     # sharding tiny tensors costs more in collectives than it saves in memory.
     cfg.min_shard_bytes = 2**16
+    # When JAX runs on the CPU: split it into this many XLA devices before the backends start,
+    # so the data-parallel mesh keeps every core busy (XLA:CPU alone leaves cores idle between
+    # its large kernels; docs/PERFORMANCE.md). 0: JAX's default (one device); -1: one per usable
+    # core (the largest divisor of the batch size not above the core count). An explicit
+    # JAX_NUM_CPU_DEVICES or XLA_FLAGS host device count wins. No effect on GPU/TPU meshes.
+    cfg.num_cpu_devices = 0
     return cfg

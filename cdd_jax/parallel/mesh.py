@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -116,3 +117,71 @@ def check_mesh_config(
     shape = dict(zip(axes, resolve_sizes(_get(mesh_cfg, "sizes"), num_devices), strict=True))
     check_batch_divisible(global_batch, shape, process_count)
     return shape
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_num_cpu_devices(requested: int, batch_size: int, cores: int | None = None) -> int:
+    """The CPU device count `mesh.num_cpu_devices` asks for: `requested` when positive; for -1
+    ("auto") the largest divisor of `batch_size` not above the usable cores (so the batch splits
+    evenly, one device per core); 0 means "leave JAX's setting" and is returned as 0."""
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < -1:
+        raise ValueError(
+            f"mesh.num_cpu_devices must be -1 (one per core), 0 (JAX's default) or a positive "
+            f"count, got {requested}."
+        )
+    if requested != -1:
+        return requested
+    cores = usable_cores() if cores is None else cores
+    return max(d for d in range(1, max(1, min(cores, batch_size)) + 1) if batch_size % d == 0)
+
+
+def _cpu_count_set_elsewhere() -> str | None:
+    """Names the user's explicit CPU-device setting (environment), which takes precedence."""
+    if os.environ.get("JAX_NUM_CPU_DEVICES"):
+        return "JAX_NUM_CPU_DEVICES"
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return "XLA_FLAGS=--xla_force_host_platform_device_count"
+    return None
+
+
+def configure_cpu_devices(requested: int, batch_size: int) -> int | None:
+    """Splits the host CPU into several XLA devices before JAX starts its backends.
+
+    XLA:CPU runs a step's operations largely one after another and only its large convolutions
+    use every core; with one device per core the data-parallel mesh keeps all cores busy on
+    separate shards of the batch (measured on the 2-core machine: docs/PERFORMANCE.md). It only
+    affects the CPU backend: on GPU/TPU hosts the accelerator devices form the mesh.
+
+    Returns the device count set, or None when nothing was changed: `requested` is 0, the user
+    chose a count in the environment (`JAX_NUM_CPU_DEVICES` or XLA_FLAGS' host device count),
+    or the backends already run (JAX cannot re-split them; a warning says so if they differ).
+    """
+    from absl import logging
+
+    n = resolve_num_cpu_devices(requested, batch_size)
+    if n == 0:
+        return None
+    other = _cpu_count_set_elsewhere()
+    if other is not None:
+        logging.info("mesh.num_cpu_devices=%d not applied: %s is set.", requested, other)
+        return None
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # the backends already run (JAX's validator refuses a change)
+        if jax.default_backend() == "cpu" and jax.local_device_count() != n:
+            logging.warning(
+                "mesh.num_cpu_devices asks for %d CPU devices but JAX's backends already run "
+                "with %d; it takes effect only when set before the first JAX operation (the "
+                "CLI and train_and_evaluate do this first). Continuing with %d.",
+                n, jax.local_device_count(), jax.local_device_count(),
+            )
+        return None
+    logging.info("JAX CPU backend split into %d devices (mesh.num_cpu_devices=%d).", n, requested)
+    return n

@@ -140,11 +140,26 @@ def export_params(path: str, params: PyTree, metadata: dict) -> None:
     barrier("cdd_jax:export_params")
 
 
+def replicated_target(item_dir: str) -> PyTree:
+    """Restore target for the arrays saved in an Orbax item directory: their shapes and dtypes,
+    replicated over this job's devices. Without a target Orbax restores onto the topology that
+    wrote the checkpoint and refuses another one (a checkpoint from a 2-device run loaded on one
+    device, a pod checkpoint loaded on a laptop)."""
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    meta = ocp.StandardCheckpointer().metadata(item_dir)
+    tree = getattr(meta, "item_metadata", meta)
+    sharding = NamedSharding(Mesh(np.array(jax.devices()), ("all",)), PartitionSpec())
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree)
+
+
 def load_params(path: str, *, which: str = "ema_params") -> tuple[PyTree, dict]:
     """Loads parameters from an exported params checkpoint or a training run's checkpoint dir.
 
     Accepts: a directory written by `export_params` (params/ + metadata.json); a training workdir
     or its `checkpoints/` directory (the newest complete step's `which` parameters are used).
+    Whatever topology wrote it, the arrays come back replicated over this job's devices.
     Raises FileNotFoundError / ValueError with the path when nothing loadable is there.
     """
     path = os.path.abspath(os.path.expanduser(path))
@@ -153,15 +168,17 @@ def load_params(path: str, *, which: str = "ema_params") -> tuple[PyTree, dict]:
     if os.path.isdir(os.path.join(path, "params")):
         meta_path = os.path.join(path, "metadata.json")
         meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
-        return ocp.StandardCheckpointer().restore(os.path.join(path, "params")), meta
+        params_dir = os.path.join(path, "params")
+        return ocp.StandardCheckpointer().restore(params_dir, replicated_target(params_dir)), meta
     if os.path.isdir(os.path.join(path, "checkpoints")):
         path = os.path.join(path, "checkpoints")
     mngr = ocp.CheckpointManager(path, item_names=ITEMS,
                                  options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     for step in reversed(sorted(mngr.all_steps())):
         try:
+            target = replicated_target(os.path.join(path, str(step), "state"))
             restored = mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001
             logging.warning("teacher checkpoint step %d in %s unreadable: %s", step, path, e)
             continue

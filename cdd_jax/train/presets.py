@@ -65,6 +65,9 @@ def _common(variant: str) -> ml_collections.ConfigDict:
     c.mesh = mesh_config()
     c.data.crop_size = 32
     c.data.batch_size = 32
+    if variant == "default":
+        # One XLA:CPU device per core, the batch split over them (docs/PERFORMANCE.md).
+        c.mesh.num_cpu_devices = -1
     if variant == "tiny":
         c.model.ch = 8
         c.model.ch_mult = (1, 2)
@@ -201,6 +204,7 @@ def table1_config(variant: str = "default") -> ml_collections.ConfigDict:
     c.adapter.anchor_precision = 0.0
     c.distill.lambda_x = 1.0
     c.degradation.channel_shuffle_prob = 0.0  # The published table was made without it.
+    c.mesh.num_cpu_devices = 0  # ... and on one CPU device (bit-for-bit reruns).
     c.table1 = table1_section()
     if variant == "default":
         # Per trained row (GD: split over its rounds). Estimated ~55 min of training for the

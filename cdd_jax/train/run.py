@@ -97,6 +97,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if unused:
         logging.warning("model.attn_resolutions %s never occur at data.crop_size %d (feature "
                         "map sizes %s): no attention there", unused, config.data.crop_size, sizes)
+    if "num_cpu_devices" in config.mesh:
+        number("mesh.num_cpu_devices", -1, integer=True)
     # Mesh and batch against the devices present: clear errors naming the numbers, before any
     # data is loaded or anything compiles (building a Mesh object compiles nothing).
     from cdd_jax.parallel.mesh import check_batch_divisible, make_mesh
@@ -441,7 +443,10 @@ def run_sr(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     """Runs `config.stage` in `workdir`; safe to call again to resume."""
     from cdd_jax.parallel.distributed import assert_same_config_across_processes
+    from cdd_jax.parallel.mesh import configure_cpu_devices
 
+    # First: JAX's backends must not have started (validate_config's mesh check starts them).
+    configure_cpu_devices(config.mesh.get("num_cpu_devices", 0), config.data.batch_size)
     validate_config(config)
     check_workdir(workdir)
     assert_same_config_across_processes(config)

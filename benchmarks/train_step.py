@@ -19,6 +19,7 @@ Contenders run in separate worker processes and are timed in alternation (A/B/A/
   cdd_jax+xnn    with XLA_FLAGS += --xla_cpu_experimental_xnn_graph_fusion_mode=..._GREEDY
   cdd_jax-xnnpack  with XLA_FLAGS += --xla_cpu_use_xnnpack=false (Eigen convolutions and dots)
   cdd_jax+conc   with XLA_FLAGS += --xla_cpu_enable_concurrency_optimized_scheduler=true
+  cdd_jax+fastrt with XLA_FLAGS += --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME
   cdd_jax+remat  with model.remat = True (rematerialised residual blocks)
   cdd_jax-nodonate  without donate_argnums (what donation saves)
   cdd_jax@1dev / @2dev  with JAX_NUM_CPU_DEVICES = 1 / 2 (one XLA device; two, one per core)
@@ -27,7 +28,7 @@ would cost if the EMA were not fused into it.
 
     python benchmarks/train_step.py [--variants=default,large] [--kinds=pretrain,codi]
         [--rounds=6] [--per_round=2] [--no_peer]
-        [--experiments=xnn,noxnnpack,concurrent,cpu1,cpu2,remat,nodonate]
+        [--experiments=xnn,noxnnpack,concurrent,fastrt,cpu1,cpu2,remat,nodonate]
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ FLAG_EXPERIMENTS = {
     "noxnnpack": ("cdd_jax-xnnpack", common.NO_XNNPACK),
     # Lets XLA:CPU's thunk executor run independent ops at the same time (more cores busy).
     "concurrent": ("cdd_jax+conc", "--xla_cpu_enable_concurrency_optimized_scheduler=true"),
+    # XLA:CPU's optimisation preset for run time over compile time.
+    "fastrt": ("cdd_jax+fastrt", "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME"),
 }
 # Contenders that differ from cdd_jax only by environment variables: name -> (label, env).
 # The cdd_jax contender runs as the preset configures it: the default presets split the CPU into

@@ -428,12 +428,13 @@ def real_batch(config, kind: str) -> dict:
     return ds[0]
 
 
-def flops_of(compiled) -> float:
-    """FLOPs of one call of a compiled function, from XLA's cost analysis (nan if absent)."""
+def flops_of(compiled, num_devices: int = 1) -> float:
+    """FLOPs of one call of a compiled function, from XLA's cost analysis (nan if absent). XLA
+    analyses the per-device SPMD program: pass the device count of a data-parallel program."""
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get("flops", float("nan")))
+        return float(cost.get("flops", float("nan"))) * num_devices
     except Exception:  # noqa: BLE001 - not every backend reports costs
         return float("nan")
 
@@ -535,7 +536,7 @@ def build_train_step(job, config, batch_np: dict, *, donate: bool = True) -> Bui
             None,
             t1 - t0,
             t2 - t1,
-            flops_of(compiled),
+            flops_of(compiled, mesh.size),
             [],
             count_params(state.params),
         )

@@ -139,3 +139,27 @@ def test_training_loop_compiles_the_step_once(tmp_path, compile_events):
     assert int(state.step) == 5
     step_compiles = [name for name in compile_events if "step_fn" in name]
     assert step_compiles == ["jit(step_fn)"], compile_events
+
+
+def test_logged_flops_count_every_device():
+    """XLA's cost analysis describes the per-device SPMD program: on a data-parallel mesh the
+    logged FLOPs per step must be the whole step's, i.e. equal to the one-device program's."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from cdd_jax.train.loop import _log_compiled
+
+    x = np.ones((64, 256), np.float32)
+    w = np.ones((256, 128), np.float32)
+
+    def f(x, w):
+        return jax.numpy.tanh(x @ w).sum()
+
+    one = jax.jit(f).lower(x, w).compile()
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    rep = NamedSharding(mesh, PartitionSpec())
+    many = jax.jit(f, in_shardings=(rows, rep), out_shardings=rep).lower(x, w).compile()
+    assert jax.device_count() == 8
+    a, b = _log_compiled(one, None, "one"), _log_compiled(many, None, "many", mesh.size)
+    assert b["flops_per_step_per_device"] < 0.2 * a["flops_per_step"]  # really split
+    assert b["flops_per_step"] == pytest.approx(a["flops_per_step"], rel=0.02)

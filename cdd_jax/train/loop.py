@@ -90,13 +90,16 @@ def _abstract_with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
     )
 
 
-def _log_compiled(compiled, writer, name: str) -> dict[str, float]:
-    """FLOPs per step and per-device memory of the compiled step (logged once at start)."""
+def _log_compiled(compiled, writer, name: str, num_devices: int = 1) -> dict[str, float]:
+    """FLOPs and memory of the compiled step (logged once at start). XLA analyses the SPMD
+    program that each device runs, so both are per device; `flops_per_step` multiplies by
+    `num_devices`, the program's device count (exact for data parallelism)."""
     info: dict[str, float] = {}
     try:
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        info["flops_per_step"] = float(cost.get("flops", float("nan")))
+        info["flops_per_step_per_device"] = float(cost.get("flops", float("nan")))
+        info["flops_per_step"] = info["flops_per_step_per_device"] * num_devices
     except Exception:  # noqa: BLE001 - not every backend reports costs
         pass
     try:
@@ -196,7 +199,7 @@ def train(job: Job, config: ml_collections.ConfigDict, workdir: str) -> TrainSta
     with sharding_context(mesh, config.mesh.logical_axis_rules):  # binds activation constraints
         compiled = jitted.lower(state, batch, step_rng, teacher).compile()
     compile_s = time.time() - t0
-    info = _log_compiled(compiled, writer, job.name)
+    info = _log_compiled(compiled, writer, job.name, mesh.size)
     writer.write_scalars(start_step, {"compile_seconds": compile_s, **info})
 
     # --- loop --------------------------------------------------------------------------------

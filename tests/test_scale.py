@@ -94,9 +94,9 @@ def run_stage(config, workdir) -> Run:
         rec["mesh"] = real_make_mesh(mesh_cfg)
         return rec["mesh"]
 
-    def log_compiled(compiled, writer, name):
+    def log_compiled(compiled, writer, name, num_devices=1):
         rec["compiled"] = compiled
-        return real_log(compiled, writer, name)
+        return real_log(compiled, writer, name, num_devices)
 
     def create_writer(*args, **kwargs):
         writer = real_writer(*args, **kwargs)

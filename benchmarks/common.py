@@ -63,6 +63,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def accelerator_name() -> str | None:
+    """The first GPU's name from nvidia-smi (without starting JAX in this process), or None."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0] if out else None
+
+
 def machine_info() -> dict[str, Any]:
     """What ran the benchmark: CPU, cores, memory, library versions, flags, load right now."""
     import importlib.metadata as md
@@ -80,6 +97,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
+        "accelerator": accelerator_name(),
         "memory_gib": round(mem_gib, 1),
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -268,20 +286,22 @@ def interleave(
 
 
 class MatmulRoofline(Bench):
-    """f32 square matmuls in JAX (XLA's CPU dot): what this machine's cores deliver."""
+    """Square matmuls in JAX at XLA's default precision (f32 by default; on a GPU XLA's default
+    lets f32 dots use TF32): what this machine's cores (or accelerator) deliver."""
 
-    def __init__(self, sizes: Sequence[int] = (2048, 4096)):
+    def __init__(self, sizes: Sequence[int] = (2048, 4096), dtype: str = "float32"):
         import jax
         import jax.numpy as jnp
 
         self.fns = {}
         for n in sizes:
-            a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-            b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+            a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
+            b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
             f = jax.jit(jnp.matmul)
             f(a, b).block_until_ready()
             self.fns[n] = (f, a, b)
-        self.info = {"sizes": list(sizes), "flops": {str(n): 2.0 * n**3 for n in sizes}}
+        self.info = {"sizes": list(sizes), "flops": {str(n): 2.0 * n**3 for n in sizes},
+                     "dtype": dtype, "devices": str(jax.devices())}
 
     def run(self, n: int) -> dict[str, list[float]]:
         out = {}
@@ -312,7 +332,8 @@ def roofline_gflops(result: dict[str, list[float]], sizes: Sequence[int] = (2048
 VARIANTS = ("default", "large", "tiny")
 
 
-def make_config(kind: str, variant: str = "default", **model_overrides):
+def make_config(kind: str, variant: str = "default", batch_size: int | None = None,
+                **model_overrides):
     """The preset config of a step `kind` ("pretrain" or "codi") for a model `variant`:
     "default" (the preset: ch 32, ch_mult (1, 2, 2), 1 res block, attention at 8 px, 32 px crops,
     batch 32), "large" (ch 64, 2 res blocks, attention at 16 px, 32 groups, batch 16; ~6.5M
@@ -332,6 +353,8 @@ def make_config(kind: str, variant: str = "default", **model_overrides):
         config.model.attn_resolutions = (16,)
         config.model.num_groups = 32
         config.data.batch_size = 16
+    if batch_size:
+        config.data.batch_size = int(batch_size)
     for k, v in model_overrides.items():
         config.model[k] = v
     return config
@@ -554,9 +577,10 @@ class TrainStepBench(Bench):
         variant: str = "default",
         warmup: int = 3,
         donate: bool = True,
+        batch_size: int | None = None,
         **model_overrides,
     ):
-        config = make_config(kind, variant, **model_overrides)
+        config = make_config(kind, variant, batch_size, **model_overrides)
         # As training does: split the CPU into devices (the preset's mesh.num_cpu_devices) before
         # JAX starts; an explicit JAX_NUM_CPU_DEVICES in the worker's environment wins.
         from cdd_jax.parallel.mesh import configure_cpu_devices
@@ -583,6 +607,7 @@ class TrainStepBench(Bench):
             "donate": donate,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "devices": str(jax.devices()),
+            "dtype": str(config.model.dtype),
         }
 
     def run(self, n: int) -> dict[str, list[float]]:

@@ -95,7 +95,7 @@ def _mid_block(channels: int, model_cfg):
 class ControlledUNet:
     """Backbone + ControlNet + input gate: `forward(z, t, cond) -> v_hat` (NCHW)."""
 
-    def __init__(self, model_cfg, adapter_cfg, size: int):
+    def __init__(self, model_cfg, adapter_cfg, size: int, device=None):
         import torch
         from diffusers import ControlNetModel, UNet2DConditionModel
         from torch import nn
@@ -147,7 +147,9 @@ class ControlledUNet:
         self.modules = nn.ModuleList(
             [self.unet, self.control] + ([self.input_gate] if self.input_gate is not None else [])
         )
-        self._ctx = torch.zeros(1, 1, 8)
+        if device is not None:
+            self.modules.to(device)
+        self._ctx = torch.zeros(1, 1, 8, device=device)
 
     def parameters(self):
         return self.modules.parameters()
@@ -180,7 +182,17 @@ def _b(x):
 class PeerTrainStep(Bench):
     """One PyTorch training step of the pretraining or the CoDi objective (see module doc)."""
 
-    def __init__(self, kind: str, variant: str = "default", warmup: int = 3, threads: int = 0):
+    def __init__(
+        self,
+        kind: str,
+        variant: str = "default",
+        warmup: int = 3,
+        threads: int = 0,
+        dtype: str = "float32",
+        batch_size: int | None = None,
+    ):
+        import contextlib
+
         import numpy as np
         import torch
 
@@ -188,22 +200,39 @@ class PeerTrainStep(Bench):
             torch.set_num_threads(threads)
         torch.manual_seed(0)
         self.kind = kind
-        config = make_config(kind, variant)
+        # On a GPU: CUDA, with TF32 allowed for f32 matmuls as XLA's default precision allows it
+        # (PyTorch allows it for cuDNN convolutions already); bf16 through autocast, as cdd_jax's
+        # model.dtype = "bfloat16" computes in bf16 with float32 parameters.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        self._autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
+            if dtype == "bfloat16"
+            else contextlib.nullcontext
+        )
+        config = make_config(kind, variant, batch_size)
         size = config.data.crop_size
         batch = real_batch(config, kind)
         self.x = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
+        self.x = self.x.to(self.device)
         self.n = self.x.shape[0]
         if kind == "pretrain":
-            self.net = build_unet2d(config.model, size)
+            self.net = build_unet2d(config.model, size).to(self.device)
             params = list(self.net.parameters())
             self.forward = lambda z, t: self.net(z, t, return_dict=False)[0]
             groups = [{"params": params, "lr": config.optim.lr}]
             self.ema_decay = config.ema.decay
         else:
             self.cond = torch.from_numpy(np.ascontiguousarray(batch["cond"].transpose(0, 3, 1, 2)))
-            self.net = ControlledUNet(config.model, config.adapter, size)
+            self.cond = self.cond.to(self.device)
+            self.net = ControlledUNet(config.model, config.adapter, size, self.device)
             # A second instance (its hooks close over itself), holding a copy of the weights.
-            self.target = ControlledUNet(config.model, config.adapter, size)
+            self.target = ControlledUNet(config.model, config.adapter, size, self.device)
             self.target.modules.load_state_dict(self.net.modules.state_dict())
             for p in self.target.parameters():
                 p.requires_grad_(False)
@@ -238,6 +267,8 @@ class PeerTrainStep(Bench):
             "warmup_s": warm,
             "torch_threads": torch.get_num_threads(),
             "torch_version": torch.__version__,
+            "device": str(torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"),
+            "dtype": dtype,
             "batch_size": self.n,
             "crop_size": size,
             "layer_flops_per_step": self.count_flops(),
@@ -248,29 +279,32 @@ class PeerTrainStep(Bench):
     def _loss_pretrain(self):
         import torch
 
-        t = torch.rand(self.n)
+        t = torch.rand(self.n, device=self.device)
         a, s = _alpha_sigma(t)
         eps = torch.randn_like(self.x)
         z = _b(a) * self.x + _b(s) * eps
-        v = self.forward(z, t * 1000.0)
+        with self._autocast():
+            v = self.forward(z, t * 1000.0).float()
         return torch.mean((v - (_b(a) * eps - _b(s) * self.x)) ** 2)
 
     def _loss_codi(self):
         import torch
 
         k = int(torch.randint(1, self.grid_n + 1, ()))
-        t = torch.full((self.n,), k / self.grid_n)
-        s = torch.full((self.n,), (k - 1) / self.grid_n)
+        t = torch.full((self.n,), k / self.grid_n, device=self.device)
+        s = torch.full((self.n,), (k - 1) / self.grid_n, device=self.device)
         a_t, s_t = _alpha_sigma(t)
         a_s, s_s = _alpha_sigma(s)
         eps = torch.randn_like(self.x)
         z_t = _b(a_t) * self.x + _b(s_t) * eps
-        v = self.net(z_t, t * 1000.0, self.cond)
+        with self._autocast():
+            v = self.net(z_t, t * 1000.0, self.cond).float()
         x_hat = _b(a_t) * z_t - _b(s_t) * v
         eps_hat = _b(s_t) * z_t + _b(a_t) * v
         z_s = (_b(a_s) * x_hat + _b(s_s) * eps).detach()  # PREv: the real noise
         with torch.no_grad():
-            v_minus = self.target(z_s, s * 1000.0, self.cond)
+            with self._autocast():
+                v_minus = self.target(z_s, s * 1000.0, self.cond).float()
             eps_minus = _b(s_s) * z_s + _b(a_s) * v_minus
             if k == 1:
                 eps_minus = eps
@@ -293,7 +327,12 @@ class PeerTrainStep(Bench):
                 )
 
     def timed_steps(self, n: int) -> tuple[list[float], list[float]]:
-        """(wall, cpu) seconds of `n` steps (eager PyTorch returns when the step is done)."""
+        """(wall, cpu) seconds of `n` steps (eager PyTorch on the CPU returns when the step is
+        done; on a GPU each step is followed by a device synchronisation)."""
+        import torch
+
+        if self.device.type == "cuda":
+            return time_calls(lambda: (self.step(), torch.cuda.synchronize()), n)
         return time_calls(self.step, n)
 
     def run(self, n: int) -> dict[str, list[float]]:

@@ -187,7 +187,9 @@ def main() -> None:
     md = [
         "# Sampling latency per image (conditional network, default SR config)",
         "",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores. Load average (1/5/15 min) at start "
+        "Machine: "
+        + (f"GPU {machine['accelerator']}; " if machine.get("accelerator") else "")
+        + f"{machine['cpu']}, {machine['cores']} cores. Load average (1/5/15 min) at start "
         f"{machine['load_average']}, at end {machine_end['load_average']}. Batch {args.batch} at "
         f"32 px; parameters from init; {args.rounds} alternating rounds (median). Samplers "
         "jitted with lax.scan over steps; compile time is the ahead-of-time compile.",

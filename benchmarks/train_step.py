@@ -27,7 +27,7 @@ The cdd_jax worker also times the EMA update as a separate jitted call, i.e. wha
 would cost if the EMA were not fused into it.
 
     python benchmarks/train_step.py [--variants=default,large] [--kinds=pretrain,codi]
-        [--rounds=6] [--per_round=2] [--no_peer]
+        [--rounds=6] [--per_round=2] [--no_peer] [--dtype=float32|bfloat16] [--batch_size=N]
         [--experiments=xnn,noxnnpack,concurrent,fastrt,cpu1,cpu2,remat,nodonate]
 """
 
@@ -83,10 +83,10 @@ class JaxStep(common.TrainStepBench):
         return statistics.median(ts)
 
 
-def _peer(kind: str, variant: str, warmup: int = 3, threads: int = 0):
+def _peer(kind: str, variant: str, warmup: int = 3, threads: int = 0, **kw):
     from benchmarks.peer_torch import PeerTrainStep
 
-    return PeerTrainStep(kind, variant, warmup, threads=threads)
+    return PeerTrainStep(kind, variant, warmup, threads=threads, **kw)
 
 
 def _env_1t(base_flags: str) -> dict[str, str]:
@@ -94,6 +94,19 @@ def _env_1t(base_flags: str) -> dict[str, str]:
     one XLA:CPU device."""
     flags = (base_flags + " " + common.XLA_ONE_THREAD).strip()
     return {"XLA_FLAGS": flags, "OMP_NUM_THREADS": "1", "JAX_NUM_CPU_DEVICES": "1"}
+
+
+def credited_flops(workers: list[common.Worker]) -> tuple[float, str]:
+    """FLOPs of one step, credited to every contender (the same work), and where they come from.
+
+    XLA's cost analysis of the cdd_jax step, unless the peer's layer count (torch
+    FlopCounterMode: convolutions and matmuls only, so a lower bound) exceeds it, which happens
+    on GPUs: XLA:GPU's cost analysis does not count the convolutions it hands to cuDNN."""
+    xla = float(workers[0].info["flops_per_step"])
+    peer = [w.info["layer_flops_per_step"] for w in workers if w.name.startswith("peer")]
+    if peer and not xla >= 0.95 * peer[0]:  # also when XLA reports nan
+        return float(peer[0]), "torch FlopCounterMode (convs/matmuls; XLA's count was lower)"
+    return xla, "XLA cost analysis"
 
 
 def run_group(kind: str, variant: str, args, rooflines: list[common.Worker]) -> dict:
@@ -107,14 +120,17 @@ def run_group(kind: str, variant: str, args, rooflines: list[common.Worker]) -> 
         if e not in EXPERIMENTS:
             raise ValueError(f"unknown experiment {e!r}; valid: {EXPERIMENTS}")
     workers: list[common.Worker] = []
+    # Shapes and precision shared by every contender (--batch_size, --dtype).
+    shape = {"batch_size": args.batch_size or None, "dtype": args.dtype}
     try:
         for t in threads:
             sfx, env = ("", {}) if t == "all" else ("@1t", _env_1t(base))
-            workers.append(common.Worker("cdd_jax" + sfx, JaxStep, kind, variant, env=env))
+            workers.append(common.Worker("cdd_jax" + sfx, JaxStep, kind, variant, env=env, **shape))
             if not args.no_peer:
                 workers.append(
                     common.Worker(
-                        "peer" + sfx, _peer, kind, variant, threads=0 if t == "all" else 1, env=env
+                        "peer" + sfx, _peer, kind, variant, threads=0 if t == "all" else 1,
+                        env=env, **shape,
                     )
                 )
         sfx, env = ("", {}) if args.experiment_threads == "all" else ("@1t", _env_1t(base))
@@ -123,19 +139,21 @@ def run_group(kind: str, variant: str, args, rooflines: list[common.Worker]) -> 
                 label, extra = FLAG_EXPERIMENTS[e]
                 flags = (env.get("XLA_FLAGS", base) + " " + extra).strip()
                 workers.append(common.Worker(label + sfx, JaxStep, kind, variant,
-                                             env={**env, "XLA_FLAGS": flags}))
+                                             env={**env, "XLA_FLAGS": flags}, **shape))
             if e in ENV_EXPERIMENTS:
                 label, extra_env = ENV_EXPERIMENTS[e]
                 workers.append(common.Worker(label + sfx, JaxStep, kind, variant,
-                                             env={**env, **extra_env}))
+                                             env={**env, **extra_env}, **shape))
         if "remat" in exps:
             workers.append(
-                common.Worker("cdd_jax+remat" + sfx, JaxStep, kind, variant, env=env, remat=True)
+                common.Worker("cdd_jax+remat" + sfx, JaxStep, kind, variant, env=env, remat=True,
+                              **shape)
             )
         if "nodonate" in exps:
             workers.append(
                 common.Worker(
-                    "cdd_jax-nodonate" + sfx, JaxStep, kind, variant, env=env, donate=False
+                    "cdd_jax-nodonate" + sfx, JaxStep, kind, variant, env=env, donate=False,
+                    **shape,
                 )
             )
         res = common.interleave(workers + rooflines, args.rounds, args.per_round)
@@ -144,7 +162,7 @@ def run_group(kind: str, variant: str, args, rooflines: list[common.Worker]) -> 
         for w in workers:
             w.close()
     roofs = {w.name: common.roofline_gflops(res["times"][w.name]) for w in rooflines}
-    flops = workers[0].info["flops_per_step"]
+    flops, flops_source = credited_flops(workers)
     out = {
         "kind": kind,
         "variant": variant,
@@ -153,6 +171,8 @@ def run_group(kind: str, variant: str, args, rooflines: list[common.Worker]) -> 
         "load_average_end": common.load_average(),
         "load_per_round": res["load_per_round"],
         "unfused_ema_update_s": ema_s,
+        "flops_credited": flops,
+        "flops_source": flops_source,
         "contenders": {},
         "peer_ratios": {},
     }
@@ -195,10 +215,22 @@ def run_group(kind: str, variant: str, args, rooflines: list[common.Worker]) -> 
 
 def markdown(payload: dict) -> str:
     m = payload["machine"]
+    acc = f"GPU {m['accelerator']}; " if m.get("accelerator") else ""
+    a = payload["args"]
     lines = [
         "# Train-step speed: cdd_jax vs PyTorch (diffusers) on the same U-Net shapes",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; jax "
+        f"Compute dtype {a.get('dtype', 'float32')}"
+        + (f", batch {a['batch_size']}" if a.get("batch_size") else "")
+        + (" (PyTorch: autocast bf16; cdd_jax: model.dtype bfloat16; float32 parameters)"
+           if a.get("dtype") == "bfloat16" else "")
+        + ". " + (
+            "On the GPU both sides may use TF32 for float32 matmuls/convolutions (XLA's default "
+            "precision; the peer sets allow_tf32), the peer uses cuDNN autotuning and "
+            "synchronises after each step; the rooflines are JAX matmuls on the GPU. "
+            if acc else ""
+        ),
+        f"Machine: {acc}{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; jax "
         f"{m['versions']['jax']}, torch {m['versions']['torch']}, diffusers "
         f"{m['versions']['diffusers']}. Load average (1/5/15 min) at start "
         f"{payload['load_average_start']}, at end {payload['load_average_end']}. Contenders ran "
@@ -207,8 +239,11 @@ def markdown(payload: dict) -> str:
         "3 warm-up steps; medians. `@1t`: one thread (XLA Eigen pool / OpenMP at 1). "
         "Wall = seconds a user waits; CPU = process CPU seconds per step (all threads), which "
         "other processes' load does not inflate (spin-waiting threads do). GFLOP/step: XLA's "
-        "cost analysis of the cdd_jax step, credited to every contender (same work). Rooflines: "
-        "f32 matmul 2048^2 / 4096^2 (best) measured in the same rounds, per wall second "
+        "cost analysis of the cdd_jax step (or, where that is lower, as on GPUs whose cuDNN "
+        "convolutions XLA does not count, torch's count of the peer's convolutions and "
+        "matmuls), credited to every contender (same work). Rooflines: "
+        f"{payload['args'].get('dtype', 'float32')} matmul 2048^2 / 4096^2 (best) measured in "
+        "the same rounds, per wall second "
         "(all threads, or one thread for `@1t`) and per CPU second.",
         "",
     ]
@@ -252,7 +287,8 @@ def markdown(payload: dict) -> str:
         )
         info = g["contenders"]["cdd_jax"]["info"]
         extra = [
-            f"{g['contenders']['cdd_jax']['gflop_per_step']:.1f} GFLOP/step (XLA)",
+            f"{g['contenders']['cdd_jax']['gflop_per_step']:.1f} GFLOP/step "
+            f"({g.get('flops_source', 'XLA cost analysis')})",
             f"params {info['num_params']:,}",
             f"batch {info['batch_size']} at {info['crop_size']} px",
             f"rooflines ({roof_txt})",
@@ -297,10 +333,16 @@ def main() -> None:
     )
     p.add_argument("--experiment_threads", default="1", choices=("all", "1"))
     p.add_argument("--no_peer", action="store_true", help="Skip the PyTorch peer.")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="Compute dtype of every contender (bf16 is for accelerators).")
+    p.add_argument("--batch_size", type=int, default=0,
+                   help="Override the variant's batch size (0: the variant's own).")
     p.add_argument("--out_dir", default=common.RESULTS_DIR)
     p.add_argument("--name", default="train_step", help="Basename of the result files.")
     args = p.parse_args()
 
+    # Several worker processes may share one GPU: JAX must not grab 75% of it in each.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     machine = common.machine_info()
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; {machine['uptime']}", flush=True)
     rooflines = []
@@ -308,7 +350,9 @@ def main() -> None:
     try:
         for t in [t for t in args.threads.split(",") if t]:
             if t == "all":
-                rooflines.append(common.Worker("roofline", common.MatmulRoofline))
+                rooflines.append(
+                    common.Worker("roofline", common.MatmulRoofline, dtype=args.dtype)
+                )
             else:
                 env = _env_1t(os.environ.get("XLA_FLAGS", ""))
                 rooflines.append(common.Worker("roofline@1t", common.MatmulRoofline, env=env))

@@ -48,3 +48,36 @@ def test_paired_summary_averages_seeds_per_crop_and_calls_ties():
     assert t["mean"] == pytest.approx(0.25)
     assert t["stderr"] == pytest.approx(np.std([1.75, -1.25, 1.75, -1.25], ddof=1) / 2)
     assert t["beats_bicubic"] == "tie" and t["win_fraction"] == 0.5
+
+
+class _FakeWorker:
+    def __init__(self, name, **info):
+        self.name, self.info = name, info
+
+
+def test_credited_flops_prefer_xla_unless_the_peer_counts_more():
+    from benchmarks.train_step import credited_flops
+
+    # On a CPU XLA's cost analysis counts the convolutions (and the element-wise work): it wins.
+    mine = _FakeWorker("cdd_jax", flops_per_step=81.5e9)
+    peer = _FakeWorker("peer", layer_flops_per_step=80.0e9)
+    assert credited_flops([mine, peer]) == (81.5e9, "XLA cost analysis")
+    # XLA:GPU leaves cuDNN convolutions out of its count (3.5 vs 85.6 GFLOP measured on an H100):
+    # the peer's convolution/matmul count, a lower bound of the same work, is credited instead.
+    gpu = _FakeWorker("cdd_jax", flops_per_step=3.5e9)
+    flops, source = credited_flops([gpu, _FakeWorker("peer", layer_flops_per_step=85.6e9)])
+    assert flops == 85.6e9 and source.startswith("torch FlopCounterMode")
+    # A backend that reports no cost (nan) falls back to the peer's count too; no peer: XLA's.
+    nan = _FakeWorker("cdd_jax", flops_per_step=float("nan"))
+    assert credited_flops([nan, peer])[0] == 80.0e9
+    assert credited_flops([mine]) == (81.5e9, "XLA cost analysis")
+
+
+def test_benchmark_configs_take_the_shared_batch_and_dtype_overrides():
+    from benchmarks.common import make_config
+
+    base = make_config("codi", "default")
+    cfg = make_config("codi", "default", 256, dtype="bfloat16")
+    assert cfg.data.batch_size == 256 and cfg.model.dtype == "bfloat16"
+    assert base.data.batch_size == 32 and base.model.dtype == "float32"
+    assert make_config("pretrain", "large", None).data.batch_size == 16  # the variant's own

@@ -329,15 +329,18 @@ def roofline_gflops(result: dict[str, list[float]], sizes: Sequence[int] = (2048
 # ----------------------------------------------------------------------------------------------
 
 
-VARIANTS = ("default", "large", "tiny")
+VARIANTS = ("default", "large", "tiny", "sr_large")
 
 
 def make_config(kind: str, variant: str = "default", batch_size: int | None = None,
-                **model_overrides):
+                crop_size: int | None = None, **model_overrides):
     """The preset config of a step `kind` ("pretrain" or "codi") for a model `variant`:
     "default" (the preset: ch 32, ch_mult (1, 2, 2), 1 res block, attention at 8 px, 32 px crops,
     batch 32), "large" (ch 64, 2 res blocks, attention at 16 px, 32 groups, batch 16; ~6.5M
-    params) or "tiny" (the presets' test config, for checking the scripts in seconds)."""
+    params), "sr_large" (the U-Net of the accelerator preset `configs/sr.py:large`: ch 128,
+    ch_mult (1, 1, 2, 2, 4, 4), 2 res blocks, attention at 16 px, at 256 px crops, batch 16, on the
+    bundled photos; 159 M parameters with the adapter; float32 unless `dtype` is overridden, no
+    remat) or "tiny" (the presets' test config, for checking the scripts in seconds)."""
     from cdd_jax.train import presets
 
     if kind not in ("pretrain", "codi"):
@@ -353,8 +356,16 @@ def make_config(kind: str, variant: str = "default", batch_size: int | None = No
         config.model.attn_resolutions = (16,)
         config.model.num_groups = 32
         config.data.batch_size = 16
+    if variant == "sr_large":  # the U-Net of configs/sr.py:large (accelerators) at 256 px
+        big = presets.pretrain_config("large") if kind == "pretrain" else presets.sr_config("large")
+        for k in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "num_groups", "head_dim"):
+            config.model[k] = big.model[k]
+        config.data.crop_size = 256
+        config.data.batch_size = 16
     if batch_size:
         config.data.batch_size = int(batch_size)
+    if crop_size:
+        config.data.crop_size = int(crop_size)
     for k, v in model_overrides.items():
         config.model[k] = v
     return config
@@ -578,9 +589,10 @@ class TrainStepBench(Bench):
         warmup: int = 3,
         donate: bool = True,
         batch_size: int | None = None,
+        crop_size: int | None = None,
         **model_overrides,
     ):
-        config = make_config(kind, variant, batch_size, **model_overrides)
+        config = make_config(kind, variant, batch_size, crop_size, **model_overrides)
         # As training does: split the CPU into devices (the preset's mesh.num_cpu_devices) before
         # JAX starts; an explicit JAX_NUM_CPU_DEVICES in the worker's environment wins.
         from cdd_jax.parallel.mesh import configure_cpu_devices

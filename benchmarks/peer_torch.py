@@ -190,6 +190,7 @@ class PeerTrainStep(Bench):
         threads: int = 0,
         dtype: str = "float32",
         batch_size: int | None = None,
+        crop_size: int | None = None,
     ):
         import contextlib
 
@@ -215,7 +216,7 @@ class PeerTrainStep(Bench):
             if dtype == "bfloat16"
             else contextlib.nullcontext
         )
-        config = make_config(kind, variant, batch_size)
+        config = make_config(kind, variant, batch_size, crop_size)
         size = config.data.crop_size
         batch = real_batch(config, kind)
         self.x = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))

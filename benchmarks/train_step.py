@@ -27,7 +27,7 @@ The cdd_jax worker also times the EMA update as a separate jitted call, i.e. wha
 would cost if the EMA were not fused into it.
 
     python benchmarks/train_step.py [--variants=default,large] [--kinds=pretrain,codi]
-        [--rounds=6] [--per_round=2] [--no_peer] [--dtype=float32|bfloat16] [--batch_size=N]
+        [--rounds=6] [--per_round=2] [--no_peer] [--dtype=float32|bfloat16] [--batch_size=N] [--crop_size=PX]
         [--experiments=xnn,noxnnpack,concurrent,fastrt,cpu1,cpu2,remat,nodonate]
 """
 
@@ -121,7 +121,8 @@ def run_group(kind: str, variant: str, args, rooflines: list[common.Worker]) -> 
             raise ValueError(f"unknown experiment {e!r}; valid: {EXPERIMENTS}")
     workers: list[common.Worker] = []
     # Shapes and precision shared by every contender (--batch_size, --dtype).
-    shape = {"batch_size": args.batch_size or None, "dtype": args.dtype}
+    shape = {"batch_size": args.batch_size or None, "crop_size": args.crop_size or None,
+             "dtype": args.dtype}
     try:
         for t in threads:
             sfx, env = ("", {}) if t == "all" else ("@1t", _env_1t(base))
@@ -222,6 +223,7 @@ def markdown(payload: dict) -> str:
         "",
         f"Compute dtype {a.get('dtype', 'float32')}"
         + (f", batch {a['batch_size']}" if a.get("batch_size") else "")
+        + (f", {a['crop_size']} px crops" if a.get("crop_size") else "")
         + (" (PyTorch: autocast bf16; cdd_jax: model.dtype bfloat16; float32 parameters)"
            if a.get("dtype") == "bfloat16" else "")
         + ". " + (
@@ -337,6 +339,8 @@ def main() -> None:
                    help="Compute dtype of every contender (bf16 is for accelerators).")
     p.add_argument("--batch_size", type=int, default=0,
                    help="Override the variant's batch size (0: the variant's own).")
+    p.add_argument("--crop_size", type=int, default=0,
+                   help="Override the training crop size in px (0: the preset's, 32).")
     p.add_argument("--out_dir", default=common.RESULTS_DIR)
     p.add_argument("--name", default="train_step", help="Basename of the result files.")
     args = p.parse_args()

@@ -27,7 +27,8 @@ The cdd_jax worker also times the EMA update as a separate jitted call, i.e. wha
 would cost if the EMA were not fused into it.
 
     python benchmarks/train_step.py [--variants=default,large] [--kinds=pretrain,codi]
-        [--rounds=6] [--per_round=2] [--no_peer] [--dtype=float32|bfloat16] [--batch_size=N] [--crop_size=PX]
+        [--rounds=6] [--per_round=2] [--no_peer] [--dtype=float32|bfloat16] [--batch_size=N]
+        [--crop_size=PX]
         [--experiments=xnn,noxnnpack,concurrent,fastrt,cpu1,cpu2,remat,nodonate]
 """
 

@@ -81,3 +81,27 @@ def test_benchmark_configs_take_the_shared_batch_and_dtype_overrides():
     assert cfg.data.batch_size == 256 and cfg.model.dtype == "bfloat16"
     assert base.data.batch_size == 32 and base.model.dtype == "float32"
     assert make_config("pretrain", "large", None).data.batch_size == 16  # the variant's own
+
+
+def test_layer_alternatives_compute_the_frameworks_layers():
+    """The candidates timed by benchmarks/layer_alternatives.py are the same functions: im2col conv
+    == XLA's conv, hand-written GroupNorm VJP == flax GroupNorm differentiated by JAX (values and
+    gradients), on shapes with several groups per channel block and uneven statistics."""
+    import jax.numpy as jnp
+
+    from benchmarks import layer_alternatives as la
+
+    fns, args = la.conv_case((2, 6, 3, 5))
+    assert la.max_rel_err(fns["xla"](*args), fns["im2col"](*args)) < 1e-5
+    x, w = args
+    assert la.max_rel_err(la.conv_xla(x, w), la.conv_im2col(x, w)) < 1e-5
+    fns, args = la.gn_case((2, 4, 5, 8), groups=4)
+    assert la.max_rel_err(fns["flax"](*args), fns["hand_vjp"](*args)) < 1e-5
+    x, s, b = args
+    y = la.group_norm_hand_vjp(x, s, b, 4)
+    assert la.max_rel_err(la.group_norm_flax(x, s, b, 4), y) < 1e-5
+    # And the normalisation itself: per (example, group), zero mean and unit variance before the
+    # affine map.
+    xhat = ((y - b) / s).reshape(2, 20, 4, 2)
+    assert jnp.allclose(jnp.mean(xhat, axis=(1, 3)), 0.0, atol=1e-5)
+    assert jnp.allclose(jnp.var(xhat, axis=(1, 3)), 1.0, atol=1e-4)

@@ -1,7 +1,9 @@
-"""The PyTorch peer: the cdd_jax U-Net shapes in diffusers, trained by the same steps on the CPU.
+"""The PyTorch peer: the cdd_jax U-Net shapes in diffusers, trained by the same steps.
 
-Needs the optional `peers` extra (`pip install -e '.[peers]'`: torch==2.13.0, the CPU wheel, and
-diffusers 0.42). Imported by `train_step.py` and `sampling.py`; run alone it prints the shape
+Runs on the CPU, or on CUDA when torch sees a GPU (TF32 allowed as XLA's default precision allows
+it, cuDNN autotuning, a synchronisation after each timed step; bf16 through autocast). Needs the
+optional `peers` extra (`pip install -e '.[peers]'`: torch==2.13.0, the CPU wheel, and diffusers
+0.42; on a GPU machine, its own CUDA torch). Imported by `train_step.py` and `sampling.py`; run alone it prints the shape
 match (parameter counts, layer FLOPs) and a few step times:
 
     python benchmarks/peer_torch.py [--kind=codi] [--variant=default]

@@ -79,7 +79,7 @@ def make_train_step(
             nonfinite_steps=state.nonfinite_steps + (~ok).astype(jnp.int32),
         )
         metrics = dict(metrics)
-        metrics.update(loss=loss, grad_norm=optax.global_norm(grads), finite=ok.astype(jnp.float32))
+        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), finite=ok.astype(jnp.float32))
         for name, sched in (lr_schedules or {}).items():
             metrics[f"lr_{name}"] = sched(state.step)
         return new_state, metrics

@@ -148,6 +148,9 @@ def main() -> None:
     p.add_argument("--run_workers", default="0", help="num_workers of the real run(s).")
     p.add_argument("--out_dir", default=common.RESULTS_DIR)
     args = p.parse_args()
+    if not 0 <= args.skip <= args.batches - 2:
+        p.error(f"--skip ({args.skip}) must leave at least two timed batches of --batches "
+                f"({args.batches}): 0 <= skip <= batches - 2")
 
     from cdd_jax.parallel.mesh import configure_cpu_devices
     from cdd_jax.train import presets

@@ -3,8 +3,8 @@
 Runs on the CPU, or on CUDA when torch sees a GPU (TF32 allowed as XLA's default precision allows
 it, cuDNN autotuning, a synchronisation after each timed step; bf16 through autocast). Needs the
 optional `peers` extra (`pip install -e '.[peers]'`: torch==2.13.0, the CPU wheel, and diffusers
-0.42; on a GPU machine, its own CUDA torch). Imported by `train_step.py` and `sampling.py`; run alone it prints the shape
-match (parameter counts, layer FLOPs) and a few step times:
+0.42; on a GPU machine, its own CUDA torch). Imported by `train_step.py` and `sampling.py`; run
+alone it prints the shape match (parameter counts, layer FLOPs) and a few step times:
 
     python benchmarks/peer_torch.py [--kind=codi] [--variant=default]
 

@@ -34,7 +34,7 @@ _NOT_OPS = re.compile(r"^(\$|ThunkExecutor|PjitFunction|CommonPjRt|PjRt|TfrtCpu|
 
 
 def op_category(name: str) -> str:
-    """HLO instruction name without its numeric suffix: 'add_divide_fusion.7' -> 'add_divide_fusion'."""
+    """An HLO op's name without its numeric suffix: 'add_divide_fusion.7' -> 'add_divide_fusion'."""
     return re.sub(r"[._]\d+$", "", name.split(" ")[0])
 
 

@@ -16,7 +16,6 @@ Writes benchmarks/results/sr_bands.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -118,7 +117,8 @@ def main(argv=None) -> None:
             ),
             "",
             f"Input checks: low-band MSE of the input {checks['low_band_mse']:.4f} ([-1, 1] "
-            f"scale); after the best global affine colour fit {checks['low_band_mse_after_affine_fit']:.4f}; "
+            "scale); after the best global affine colour fit "
+            f"{checks['low_band_mse_after_affine_fit']:.4f}; "
             f"best integer shift of the ground truth {tuple(checks['best_shift'])} gives MSE "
             f"{checks['best_mse']:.4f} vs {checks['mse_at_zero']:.4f} unshifted.",
             "",

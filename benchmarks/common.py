@@ -465,12 +465,10 @@ def real_batch(config, kind: str) -> dict:
 def flops_of(compiled, num_devices: int = 1) -> float:
     """FLOPs of one call of a compiled function, from XLA's cost analysis (nan if absent). XLA
     analyses the per-device SPMD program: pass the device count of a data-parallel program."""
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get("flops", float("nan"))) * num_devices
-    except Exception:  # noqa: BLE001 - not every backend reports costs
-        return float("nan")
+    from cdd_jax.train.loop import compiled_flops
+
+    flops = compiled_flops(compiled)
+    return float("nan") if flops is None else flops * num_devices
 
 
 @dataclasses.dataclass

@@ -90,18 +90,26 @@ def _abstract_with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
     )
 
 
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled program from XLA's cost analysis, per device (XLA analyses
+    the SPMD program each device runs); None where the backend reports no costs."""
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", float("nan")))
+    except Exception:  # noqa: BLE001 - not every backend reports costs
+        return None
+
+
 def _log_compiled(compiled, writer, name: str, num_devices: int = 1) -> dict[str, float]:
     """FLOPs and memory of the compiled step (logged once at start). XLA analyses the SPMD
     program that each device runs, so both are per device; `flops_per_step` multiplies by
     `num_devices`, the program's device count (exact for data parallelism)."""
     info: dict[str, float] = {}
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        info["flops_per_step_per_device"] = float(cost.get("flops", float("nan")))
-        info["flops_per_step"] = info["flops_per_step_per_device"] * num_devices
-    except Exception:  # noqa: BLE001 - not every backend reports costs
-        pass
+    flops = compiled_flops(compiled)
+    if flops is not None:
+        info["flops_per_step_per_device"] = flops
+        info["flops_per_step"] = flops * num_devices
     try:
         mem = compiled.memory_analysis()
         for field in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"):

@@ -124,10 +124,14 @@ def run_group(kind: str, variant: str, args, rooflines: list[common.Worker]) -> 
     # Shapes and precision shared by every contender (--batch_size, --dtype).
     shape = {"batch_size": args.batch_size or None, "crop_size": args.crop_size or None,
              "dtype": args.dtype}
+
+    def jax_worker(label: str, env: dict, **kw) -> common.Worker:
+        return common.Worker(label, JaxStep, kind, variant, env=env, **shape, **kw)
+
     try:
         for t in threads:
             sfx, env = ("", {}) if t == "all" else ("@1t", _env_1t(base))
-            workers.append(common.Worker("cdd_jax" + sfx, JaxStep, kind, variant, env=env, **shape))
+            workers.append(jax_worker("cdd_jax" + sfx, env))
             if not args.no_peer:
                 workers.append(
                     common.Worker(
@@ -140,24 +144,14 @@ def run_group(kind: str, variant: str, args, rooflines: list[common.Worker]) -> 
             if e in FLAG_EXPERIMENTS:
                 label, extra = FLAG_EXPERIMENTS[e]
                 flags = (env.get("XLA_FLAGS", base) + " " + extra).strip()
-                workers.append(common.Worker(label + sfx, JaxStep, kind, variant,
-                                             env={**env, "XLA_FLAGS": flags}, **shape))
+                workers.append(jax_worker(label + sfx, {**env, "XLA_FLAGS": flags}))
             if e in ENV_EXPERIMENTS:
                 label, extra_env = ENV_EXPERIMENTS[e]
-                workers.append(common.Worker(label + sfx, JaxStep, kind, variant,
-                                             env={**env, **extra_env}, **shape))
+                workers.append(jax_worker(label + sfx, {**env, **extra_env}))
         if "remat" in exps:
-            workers.append(
-                common.Worker("cdd_jax+remat" + sfx, JaxStep, kind, variant, env=env, remat=True,
-                              **shape)
-            )
+            workers.append(jax_worker("cdd_jax+remat" + sfx, env, remat=True))
         if "nodonate" in exps:
-            workers.append(
-                common.Worker(
-                    "cdd_jax-nodonate" + sfx, JaxStep, kind, variant, env=env, donate=False,
-                    **shape,
-                )
-            )
+            workers.append(jax_worker("cdd_jax-nodonate" + sfx, env, donate=False))
         res = common.interleave(workers + rooflines, args.rounds, args.per_round)
         ema_s = workers[0].call("unfused_ema_s")
     finally:
@@ -245,7 +239,7 @@ def markdown(payload: dict) -> str:
         "cost analysis of the cdd_jax step (or, where that is lower, as on GPUs whose cuDNN "
         "convolutions XLA does not count, torch's count of the peer's convolutions and "
         "matmuls), credited to every contender (same work). Rooflines: "
-        f"{payload['args'].get('dtype', 'float32')} matmul 2048^2 / 4096^2 (best) measured in "
+        f"{a.get('dtype', 'float32')} matmul 2048^2 / 4096^2 (best) measured in "
         "the same rounds, per wall second "
         "(all threads, or one thread for `@1t`) and per CPU second.",
         "",

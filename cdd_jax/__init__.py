@@ -4,10 +4,14 @@ __version__ = "0.1.0"
 
 
 def train_and_evaluate(config, workdir: str):
-    """Runs the job described by `config` (pretraining, distillation, evaluation) in `workdir`."""
-    from cdd_jax.train.run import train_and_evaluate as _run
+    """Runs the job described by `config` (pretraining, distillation, evaluation) in `workdir`.
 
-    return _run(config, workdir)
+    `cdd_jax.run` is imported here, not at the top: `import cdd_jax` must not start JAX, so that
+    the command line can set up devices and multi-host first.
+    """
+    from cdd_jax.run import train_and_evaluate as run
+
+    return run(config, workdir)
 
 
 __all__ = ["train_and_evaluate", "__version__"]

@@ -12,6 +12,8 @@ import os
 
 from absl import app, flags
 
+from cdd_jax.train.checkpoint import export_params, load_params
+
 flags.DEFINE_string("workdir", None, "Workdir of a pretraining run (holds checkpoints/).")
 flags.DEFINE_string("out", None, "Output directory of the exported teacher.")
 flags.DEFINE_string("note", "", "Free text stored in metadata.json (e.g. how it was trained).")
@@ -20,8 +22,6 @@ FLAGS = flags.FLAGS
 
 
 def export_run(workdir: str, out: str, note: str = "") -> dict:
-    from cdd_jax.train.checkpoint import export_params, load_params
-
     params, meta = load_params(workdir)
     config = meta["config"]
     metadata = {

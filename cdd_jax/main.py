@@ -1,15 +1,17 @@
 """Command-line entry point: parses flags and calls `cdd_jax.train_and_evaluate`.
 
     python -m cdd_jax.main --config=configs/sr.py --workdir=/tmp/sr
-    python -m cdd_jax.main --config=configs/pretrain.py:tiny --workdir=/tmp/t --config.train.num_steps=10
+    python -m cdd_jax.main --config=configs/pretrain.py:tiny --workdir=/tmp/t \
+        --config.train.num_steps=10
 """
 
-import difflib
 import runpy
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from cdd_jax.config_checks import unknown_key_message
 
 FLAGS = flags.FLAGS
 
@@ -46,12 +48,8 @@ def _override_hints(argv: list[str]) -> list[str]:
         node, prefix = config, ""
         for part in arg[len("--config."):].split("=", 1)[0].split("."):
             if not hasattr(node, "keys") or part not in node:
-                close = difflib.get_close_matches(part, list(node.keys()) if hasattr(
-                    node, "keys") else [], n=3)
-                hint = f"unknown config key {prefix + part!r}"
-                if close:
-                    hint += "; did you mean " + ", ".join(prefix + c for c in close) + "?"
-                hints.append(hint)
+                valid = list(node.keys()) if hasattr(node, "keys") else []
+                hints.append(unknown_key_message(part, valid, prefix))
                 break
             node, prefix = node[part], prefix + part + "."
     return hints
@@ -70,6 +68,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}")
+    # Imported after flag parsing, so that --help and flag errors answer without loading JAX.
     from cdd_jax.parallel.distributed import maybe_initialize
 
     maybe_initialize(

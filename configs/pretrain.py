@@ -5,7 +5,7 @@
 Variants: default (bundled photos, ~20 min on 2 CPU cores), tiny (tests), large (accelerators).
 """
 
-from cdd_jax.train.presets import pretrain_config
+from cdd_jax.config.presets import pretrain_config
 
 
 def get_config(variant: str | None = None):

@@ -7,7 +7,7 @@ Variants: default (bundled photos, shipped teacher, about 2 hours on 2 CPU cores
 Running the command again resumes: finished rows are skipped, partial ones resume.
 """
 
-from cdd_jax.train.presets import table1_config
+from cdd_jax.config.presets import table1_config
 
 
 def get_config(variant: str | None = None):

@@ -28,7 +28,8 @@ import numpy as np
 def _install_hooks(dump_path: str) -> None:
     import jax
 
-    from cdd_jax.train import checkpoint, loop, run
+    from cdd_jax.stages import distill, pretrain
+    from cdd_jax.train import checkpoint, loop
 
     restore_latest = checkpoint.Checkpointer.restore_latest
 
@@ -60,7 +61,8 @@ def _install_hooks(dump_path: str) -> None:
             raise SystemExit(0)
         return state
 
-    run.train = train
+    pretrain.train = train
+    distill.train = train
 
 
 def main() -> None:

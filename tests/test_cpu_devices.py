@@ -105,7 +105,7 @@ def test_train_and_evaluate_applies_it_before_validation():
         """
         import json, jax, tempfile
         import cdd_jax
-        from cdd_jax.train import presets
+        from cdd_jax.config import presets
         c = presets.pretrain_config("tiny")
         c.mesh.num_cpu_devices = 2
         c.train.nonfinite = "sometimes"  # invalid: stops before anything compiles
@@ -122,7 +122,7 @@ def test_train_and_evaluate_applies_it_before_validation():
 
 
 def test_the_default_presets_use_one_device_per_core():
-    from cdd_jax.train import presets
+    from cdd_jax.config import presets
 
     assert presets.sr_config("default").mesh.num_cpu_devices == -1
     assert presets.pretrain_config("default").mesh.num_cpu_devices == -1

@@ -31,7 +31,7 @@ from cdd_jax.distill import (
     gd_target,
     prev_predictor,
     sample_codi_times,
-    teacher_sample,
+    solver_sample,
     v_space_weight,
     validate_distill_config,
 )
@@ -540,7 +540,7 @@ def test_samplers_return_the_data_for_an_exact_denoiser(grid, steps):
         grid=grid,
     )
     np.testing.assert_allclose(x, _clean(cond), atol=1e-4)
-    x2 = teacher_sample(
+    x2 = solver_sample(
         exact_apply,
         None,
         cond,
@@ -648,7 +648,7 @@ def test_compute_loss_dispatch_and_jit():
     tgt, teacher = _toy_params(a=0.2), _toy_params(d=0.1)
     with pytest.raises(ValueError, match="target_params"):
         compute_loss(toy_v_apply, p, batch, rng, schedule=SCHEDULE, cfg=_cfg())
-    with pytest.raises(ValueError, match="teacher_params"):
+    with pytest.raises(ValueError, match="finetuned_params"):
         compute_loss(
             toy_v_apply,
             p,
@@ -663,13 +663,15 @@ def test_compute_loss_dispatch_and_jit():
         fn = functools.partial(
             compute_loss, toy_v_apply, schedule=SCHEDULE, cfg=_cfg(objective=objective)
         )
-        loss, metrics = jax.jit(fn)(p, batch, rng, target_params=tgt, teacher_params=teacher)
+        loss, metrics = jax.jit(fn)(p, batch, rng, target_params=tgt, finetuned_params=teacher)
         assert np.isfinite(float(loss)) and float(metrics["loss"]) == float(loss)
         if objective in ("codi", "pe_codi"):  # jit == eager; pe_codi is the CoDi loss
             np.testing.assert_allclose(loss, codi, rtol=1e-5)
-    assert distill.needs_target("cm") and not distill.needs_teacher("codi")
+    assert distill.objective_spec("cm").uses_target
+    assert not distill.objective_spec("codi").uses_finetuned
+    assert distill.objective_spec("pe_codi").freeze_backbone
     with pytest.raises(ValueError, match="dmd"):
-        distill.needs_target("dmd")
+        distill.objective_spec("dmd")
 
 
 # ----------------------------------------------------------------------------- training

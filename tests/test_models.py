@@ -1,4 +1,4 @@
-"""U-Net and conditional adapter: shapes, logical axis names, zero-init equivalence, errors."""
+"""U-Net and control encoder: shapes, logical axis names, zero-init equivalence, errors."""
 
 import flax.linen as nn
 import jax
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from cdd_jax.diffusion import get_schedule
-from cdd_jax.models.conditional import (
+from cdd_jax.models.control import (
     ConditionalUNet,
-    adapter_config,
+    control_config,
     init_from_teacher,
     lowpass,
 )
@@ -32,7 +32,7 @@ def _perturb(tree, seed):
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return treedef.unflatten(
-        [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+        [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
     )
 
 
@@ -95,7 +95,7 @@ def test_remat_is_numerically_identical(teacher):
 
     g1 = jax.grad(loss)(params, plain_model)
     g2 = jax.grad(loss)(params, remat_model)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -103,11 +103,11 @@ def test_remat_is_numerically_identical(teacher):
 @pytest.mark.parametrize("input_gate", [True, False])
 def test_zero_initialised_conditional_network_equals_teacher(teacher, gate, input_gate):
     cfg, model, _, t_params = teacher
-    acfg = adapter_config()
-    acfg.gate = gate
-    acfg.input_gate = input_gate
-    acfg.cond_embed_ch = (8,)
-    cmodel = ConditionalUNet.from_config(cfg, acfg)
+    ccfg = control_config()
+    ccfg.gate = gate
+    ccfg.input_gate = input_gate
+    ccfg.cond_embed_ch = (8,)
+    cmodel = ConditionalUNet.from_config(cfg, ccfg)
     z = jax.random.normal(jax.random.key(4), (2, 16, 16, 3))
     c = jax.random.normal(jax.random.key(5), (2, 16, 16, 3))
     t = jnp.array([0.1, 0.9])
@@ -115,7 +115,8 @@ def test_zero_initialised_conditional_network_equals_teacher(teacher, gate, inpu
     cparams = init_from_teacher(fresh, t_params)
     # The duplicated encoder really is a copy of the teacher's encoder.
     for part in ("time_embed", "encoder", "middle"):
-        for a, b in zip(jax.tree.leaves(cparams["control"][part]), jax.tree.leaves(t_params[part])):
+        for a, b in zip(jax.tree.leaves(cparams["control"][part]),
+                        jax.tree.leaves(t_params[part]), strict=True):
             np.testing.assert_array_equal(a, b)
     want = model.apply({"params": t_params}, z, t)
     got = cmodel.apply({"params": cparams}, z, t, c)
@@ -134,7 +135,7 @@ def test_teacher_architecture_mismatch_is_named(teacher):
     cfg, _, _, t_params = teacher
     other = tiny_model_cfg()
     other.ch = 16
-    cmodel = ConditionalUNet.from_config(other, adapter_config())
+    cmodel = ConditionalUNet.from_config(other, control_config())
     z = jnp.zeros((1, 16, 16, 3))
     fresh = nn.meta.unbox(cmodel.init(jax.random.key(0), z, jnp.zeros((1,)), z)["params"])
     with pytest.raises(ValueError, match="architecture mismatch"):
@@ -143,7 +144,7 @@ def test_teacher_architecture_mismatch_is_named(teacher):
 
 def test_condition_shape_mismatch_is_a_clear_error(teacher):
     cfg, _, _, _ = teacher
-    cmodel = ConditionalUNet.from_config(cfg, adapter_config())
+    cmodel = ConditionalUNet.from_config(cfg, control_config())
     z = jnp.zeros((2, 16, 16, 3))
     with pytest.raises(ValueError, match="condition must be an NHWC image"):
         cmodel.init(jax.random.key(0), z, jnp.zeros((2,)), jnp.zeros((2, 4, 4, 3)))
@@ -160,11 +161,11 @@ def test_low_frequency_anchor_matches_its_formula(teacher):
     """x_hat' = x_hat + gamma_t (lp(c) - lp(x_hat)), gamma_t = p s^2 / (p s^2 + a^2), computed
     here from the un-anchored network's output; p = 0 is exactly the paper's network."""
     cfg, _, _, t_params = teacher
-    acfg = adapter_config()
-    acfg.cond_embed_ch = (8,)
-    plain = ConditionalUNet.from_config(cfg, acfg)
-    acfg.anchor_precision = 4.0
-    anchored = ConditionalUNet.from_config(cfg, acfg, "cosine")
+    ccfg = control_config()
+    ccfg.cond_embed_ch = (8,)
+    plain = ConditionalUNet.from_config(cfg, ccfg)
+    ccfg.anchor_precision = 4.0
+    anchored = ConditionalUNet.from_config(cfg, ccfg, "cosine")
     z = jax.random.normal(jax.random.key(4), (3, 16, 16, 3))
     c = jax.random.normal(jax.random.key(5), (3, 16, 16, 3))
     t = jnp.array([0.05, 0.5, 1.0])
@@ -185,11 +186,11 @@ def test_low_frequency_anchor_matches_its_formula(teacher):
 
 def test_anchor_config_errors(teacher):
     cfg, _, _, _ = teacher
-    acfg = adapter_config()
-    acfg.anchor_precision = -1.0
-    with pytest.raises(ValueError, match="anchor_precision must be >= 0"):
-        ConditionalUNet.from_config(cfg, acfg)
-    acfg.anchor_precision = 1.0
-    acfg.anchor_factor = 0
-    with pytest.raises(ValueError, match="anchor_factor must be a positive int"):
-        ConditionalUNet.from_config(cfg, acfg)
+    ccfg = control_config()
+    ccfg.anchor_precision = -1.0
+    with pytest.raises(ValueError, match=r"control.anchor_precision must be in \[0"):
+        ConditionalUNet.from_config(cfg, ccfg)
+    ccfg.anchor_precision = 1.0
+    ccfg.anchor_factor = 0
+    with pytest.raises(ValueError, match=r"control.anchor_factor must be in \[1"):
+        ConditionalUNet.from_config(cfg, ccfg)

@@ -16,82 +16,25 @@ import jax.monitoring
 import numpy as np
 import pytest
 
+from cdd_jax.config import presets
 from cdd_jax.data.pipeline import build_train_dataset
-from cdd_jax.diffusion import get_schedule
-from cdd_jax.distill.diffusion_loss import diffusion_loss
-from cdd_jax.models.unet import UNet, init_params
-from cdd_jax.parallel.mesh import make_mesh
-from cdd_jax.parallel.sharding import (
-    batch_sharding,
-    global_batch,
-    logical_state_shardings,
-    replicated,
-    sharding_context,
-    unbox,
-)
-from cdd_jax.train import presets
-from cdd_jax.train.loop import Job, train
-from cdd_jax.train.run import _unet_apply
-from cdd_jax.train.state import create_state, make_optimizer, param_labels
-from cdd_jax.train.step import make_train_step
+from cdd_jax.parallel.sharding import sharding_context
+from cdd_jax.stages.pretrain import pretrain_job
+from cdd_jax.train.builder import build_train_step, compiled_info
+from cdd_jax.train.loop import train
 
 
-def _tiny_job(config) -> Job:
-    model = UNet.from_config(config.model)
-    apply_fn = _unet_apply(model)
-    schedule = get_schedule(config.diffusion.schedule)
-
-    def loss_fn(params, target, teacher, batch, rng):
-        return diffusion_loss(apply_fn, params, batch, rng, schedule=schedule)
-
-    return Job(
-        name="pretrain",
-        init_params=lambda rng: init_params(model, rng, config.data.crop_size),
-        loss_fn=loss_fn,
-        mode="pretrain",
-        ema=config.ema,
-        make_dataset=lambda pi, pc: build_train_dataset(
-            config.data, task="pretrain", process_index=pi, process_count=pc
-        ),
-    )
-
-
-def _jitted_step(config, job):
-    """The step as `loop.train` jits it (in/out shardings, donated state), plus its inputs."""
-    mesh = make_mesh(config.mesh)
-    labels = param_labels(unbox(jax.eval_shape(job.init_params, jax.random.key(0))), job.mode)
-    tx, _ = make_optimizer(config.optim, config.train.num_steps, labels)
-
-    def init_state(rng):
-        return create_state(job.init_params(rng), tx, with_target=False, labels=labels)
-
-    state_sh = logical_state_shardings(
-        jax.eval_shape(init_state, jax.random.key(0)),
-        mesh,
-        config.mesh.logical_axis_rules,
-        config.mesh.min_shard_bytes,
-    )
-    state = jax.jit(lambda r: unbox(init_state(r)), out_shardings=state_sh)(jax.random.key(0))
-    inner = make_train_step(job.loss_fn, tx, labels, ema=job.ema)
-
-    def step_fn(state, batch, base_rng, teacher_params):
-        return inner(state, batch, jax.random.fold_in(base_rng, state.step), teacher_params)
-
-    jitted = jax.jit(
-        step_fn,
-        in_shardings=(state_sh, batch_sharding(mesh), replicated(mesh), None),
-        out_shardings=(state_sh, replicated(mesh)),
-        donate_argnums=(0,),
-    )
+def _jitted_step(config):
+    """The step as `loop.train` builds it (in/out shardings, donated state), plus its inputs."""
+    built = build_train_step(pretrain_job(config)[0], config)
     ds = build_train_dataset(config.data, task="pretrain")
-    batches = [global_batch(ds[i], mesh) for i in range(3)]
-    return jitted, state, batches, mesh
+    batches = [built.global_batch(ds[i]) for i in range(3)]
+    return built.jitted, built.state, batches, built.mesh
 
 
 def test_step_jit_cache_stays_at_one_entry_and_donation_is_used():
     config = presets.pretrain_config("tiny")
-    job = _tiny_job(config)
-    jitted, state, batches, mesh = _jitted_step(config, job)
+    jitted, state, batches, mesh = _jitted_step(config)
     rng = jax.random.key(1)
     with (
         warnings.catch_warnings(record=True) as caught,
@@ -134,8 +77,7 @@ def test_training_loop_compiles_the_step_once(tmp_path, compile_events):
     config.train.log_every = 1
     config.train.eval_every = 0
     config.train.ckpt_every = 100
-    job = _tiny_job(config)
-    state = train(job, config, str(tmp_path))
+    state = train(pretrain_job(config)[0], config, str(tmp_path))
     assert int(state.step) == 5
     step_compiles = [name for name in compile_events if "step_fn" in name]
     assert step_compiles == ["jit(step_fn)"], compile_events
@@ -145,8 +87,6 @@ def test_logged_flops_count_every_device():
     """XLA's cost analysis describes the per-device SPMD program: on a data-parallel mesh the
     logged FLOPs per step must be the whole step's, i.e. equal to the one-device program's."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    from cdd_jax.train.loop import _log_compiled
 
     x = np.ones((64, 256), np.float32)
     w = np.ones((256, 128), np.float32)
@@ -160,6 +100,6 @@ def test_logged_flops_count_every_device():
     rep = NamedSharding(mesh, PartitionSpec())
     many = jax.jit(f, in_shardings=(rows, rep), out_shardings=rep).lower(x, w).compile()
     assert jax.device_count() == 8
-    a, b = _log_compiled(one, None, "one"), _log_compiled(many, None, "many", mesh.size)
+    a, b = compiled_info(one), compiled_info(many, mesh.size)
     assert b["flops_per_step_per_device"] < 0.2 * a["flops_per_step"]  # really split
     assert b["flops_per_step"] == pytest.approx(a["flops_per_step"], rel=0.02)

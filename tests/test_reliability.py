@@ -44,12 +44,15 @@ import pytest
 from PIL import Image
 
 import cdd_jax
+from cdd_jax.config import presets
+from cdd_jax.config.validate import validate_config
 from cdd_jax.data.pipeline import build_train_dataset, make_train_iterator
 from cdd_jax.data.sources import ImageFolderSource
 from cdd_jax.parallel import distributed
-from cdd_jax.train import loop, presets
+from cdd_jax.run import check_workdir
+from cdd_jax.stages.pretrain import pretrain_job
+from cdd_jax.train import builder, loop
 from cdd_jax.train.checkpoint import ITEMS, Checkpointer, load_params
-from cdd_jax.train.run import check_workdir, pretrain_job, validate_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from chaos_worker import reference_state  # noqa: E402
@@ -132,7 +135,7 @@ def _sigterm_while_fetching(monkeypatch, call: int):
     """Sends a real SIGTERM to this process while the loop fetches its `call`-th batch (call 1 is
     the first batch, call k+1 the batch of step k+1, fetched after step k)."""
     calls = {"n": 0}
-    real = loop.global_batch
+    real = builder.global_batch
 
     def fetch(batch, mesh):
         calls["n"] += 1
@@ -143,7 +146,7 @@ def _sigterm_while_fetching(monkeypatch, call: int):
             os.kill(os.getpid(), signal.SIGTERM)
         return real(batch, mesh)
 
-    monkeypatch.setattr(loop, "global_batch", fetch)
+    monkeypatch.setattr(builder, "global_batch", fetch)
     return calls
 
 
@@ -433,27 +436,28 @@ def test_nonfinite_halt_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
 # ----------------------------------------------------------------------------------------------
 
 BAD_VALUES = [
-    ("train.num_steps", -5, "train.num_steps must be positive, got -5"),
-    ("train.ckpt_every", 0, "train.ckpt_every must be positive"),
+    ("train.num_steps", -5, r"train.num_steps must be in \[1, inf\], got -5"),
+    ("train.ckpt_every", 0, r"train.ckpt_every must be in \[1"),
     ("train.eval_every", -1, r"train.eval_every must be in \[0"),
-    ("train.nonfinite", "ignore", "train.nonfinite must be 'skip' or 'halt', got 'ignore'"),
+    ("train.nonfinite", "ignore",
+     r"train.nonfinite must be one of \('skip', 'halt'\), got 'ignore'"),
     ("model.dropout", 1.5, r"model.dropout must be in \[0, 1\), got 1.5"),
     ("model.head_dim", 0, "model.head_dim"),
-    ("diffusion.schedule", "cosin", "unknown schedule 'cosin'"),
+    ("diffusion.schedule", "cosin", "diffusion.schedule must be one of .* got 'cosin'"),
     ("diffusion.weighting", "snr", "diffusion.weighting must be one of .* got 'snr'"),
     ("optim.lr", -1e-3, r"optim.lr must be in \(0"),
     ("optim.decay", "linear", "optim.decay must be one of .* got 'linear'"),
     ("optim.warmup_steps", -1, "optim.warmup_steps"),
     ("ema.decay", 1.5, r"ema.decay must be in \[0, 1\), got 1.5"),
-    ("data.batch_size", 0, "data.batch_size must be positive"),
+    ("data.batch_size", 0, r"data.batch_size must be in \[1, inf\], got 0"),
     ("data.crop_size", 15, "data.crop_size 15 must be divisible by 2"),
     # Super-resolution keys (checked on the tiny SR config).
-    ("adapter.anchor_precision", -1.0, r"adapter.anchor_precision must be in \[0"),
-    ("adapter.anchor_factor", 2, "adapter.anchor_factor 2 must equal degradation.scale 4"),
-    ("evaluate.renoise", ("ddim", "eta"), "evaluate.renoise must be a non-empty tuple"),
-    ("evaluate.renoise", ("fresh", "fresh"), "evaluate.renoise must be a non-empty tuple"),
+    ("control.anchor_precision", -1.0, r"control.anchor_precision must be in \[0"),
+    ("control.anchor_factor", 2, "control.anchor_factor 2 must equal degradation.scale 4"),
+    ("evaluate.renoise", ("ddim", "eta"), "evaluate.renoise must be a tuple of distinct values"),
+    ("evaluate.renoise", ("fresh", "fresh"), "evaluate.renoise must be a tuple of distinct"),
 ]
-SR_SECTIONS = ("adapter", "distill", "degradation", "teacher", "evaluate")
+SR_SECTIONS = ("control", "distill", "degradation", "teacher", "evaluate")
 
 
 @pytest.mark.parametrize("key,value,message", BAD_VALUES,
@@ -461,7 +465,7 @@ SR_SECTIONS = ("adapter", "distill", "degradation", "teacher", "evaluate")
 def test_out_of_range_config_values_fail_before_anything_runs(
     tmp_path, monkeypatch, key, value, message
 ):
-    monkeypatch.setattr(loop, "train", lambda *a: pytest.fail("training started"))
+    monkeypatch.setattr(loop, "build_train_step", lambda *a: pytest.fail("training started"))
     section, name = key.split(".")
     config = (presets.sr_config if section in SR_SECTIONS else presets.pretrain_config)("tiny")
     config[section][name] = value
@@ -480,7 +484,7 @@ def test_mistyped_key_and_bad_mesh_fail_before_compilation(tmp_path, monkeypatch
     config = presets.pretrain_config("tiny")
     config.mesh.sizes = (3, 1, 1)
     job = _job(config)
-    monkeypatch.setattr(loop, "make_train_step", lambda *a, **k: pytest.fail("compiling"))
+    monkeypatch.setattr(builder, "make_train_step", lambda *a, **k: pytest.fail("compiling"))
     monkeypatch.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiling"))
     with pytest.raises(ValueError, match=r"Mesh sizes \(3, 1, 1\)"):
         loop.train(job, config, str(tmp_path / "b"))
@@ -575,7 +579,7 @@ def test_messy_image_folder_is_counted_and_trains(tmp_path, caplog):
 
 
 def test_unwritable_or_full_workdir_fails_at_start(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "train", lambda *a: pytest.fail("training started"))
+    monkeypatch.setattr(loop, "build_train_step", lambda *a: pytest.fail("training started"))
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     for bad in (blocker / "wd", Path("/proc/cdd_jax_workdir")):

@@ -1,6 +1,6 @@
 """Scaling out on the real training code (issue 5): the tiny pretraining and CoDi jobs, run through
-`cdd_jax.train_and_evaluate` -> `run.pretrain` / `run.distill` -> `loop.train`, on simulated meshes,
-across checkpoints moved between meshes, and across two `jax.distributed` processes.
+`cdd_jax.train_and_evaluate` -> `stages.pretrain` / `stages.distill` -> `loop.train`, on simulated
+meshes, across checkpoints moved between meshes, and across two `jax.distributed` processes.
 
 The sharded runs happen in this process (8 simulated devices); they change nothing in the loop,
 only record the mesh, the scalars the loop writes and the compiled step it logs, and drop the
@@ -32,11 +32,13 @@ import pytest
 from clu import metric_writers
 
 import cdd_jax
+from cdd_jax.config.presets import pretrain_config, sr_config
 from cdd_jax.models.unet import UNet, init_params
 from cdd_jax.parallel.sharding import logical_state_shardings, unbox
-from cdd_jax.train import loop, run
+from cdd_jax.stages import distill as distill_stage
+from cdd_jax.stages import pretrain as pretrain_stage
+from cdd_jax.train import builder, loop
 from cdd_jax.train.checkpoint import ITEMS, export_params
-from cdd_jax.train.presets import pretrain_config, sr_config
 
 REPO = Path(__file__).resolve().parents[1]
 MESHES = [(8, 1, 1), (2, 4, 1), (1, 8, 1)]
@@ -87,16 +89,16 @@ def _config(stage: str, sizes, *, num_steps: int = NUM_STEPS, teacher: str = "")
 def run_stage(config, workdir) -> Run:
     """Runs `cdd_jax.train_and_evaluate(config, workdir)` up to the end of `loop.train`."""
     rec: dict[str, Any] = {"scalars": {}}
-    real_make_mesh, real_log = loop.make_mesh, loop._log_compiled
+    real_make_mesh, real_log = builder.make_mesh, loop.log_step_info
     real_writer = metric_writers.create_default_writer
 
     def make_mesh(mesh_cfg):
         rec["mesh"] = real_make_mesh(mesh_cfg)
         return rec["mesh"]
 
-    def log_compiled(compiled, writer, name, num_devices=1):
-        rec["compiled"] = compiled
-        return real_log(compiled, writer, name, num_devices)
+    def log_step_info(step, name):
+        rec["compiled"] = step.compiled
+        return real_log(step, name)
 
     def create_writer(*args, **kwargs):
         writer = real_writer(*args, **kwargs)
@@ -118,10 +120,11 @@ def run_stage(config, workdir) -> Run:
         raise _StopAfterTrain
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(loop, "make_mesh", make_mesh)
-        mp.setattr(loop, "_log_compiled", log_compiled)
+        mp.setattr(builder, "make_mesh", make_mesh)
+        mp.setattr(loop, "log_step_info", log_step_info)
         mp.setattr(metric_writers, "create_default_writer", create_writer)
-        mp.setattr(run, "train", train)
+        mp.setattr(pretrain_stage, "train", train)
+        mp.setattr(distill_stage, "train", train)
         with pytest.raises(_StopAfterTrain):
             cdd_jax.train_and_evaluate(config, str(workdir))
     losses = {s: float(v["loss"]) for s, v in rec["scalars"].items() if "loss" in v}
@@ -205,7 +208,8 @@ def _random_teacher(tmp_path_factory) -> str:
     those student tensors, after three steps, nothing but three Adam updates, so their relative
     error would measure float32 cancellation in their gradients (a sum over the batch whose order
     the batch split changes), not the sharding. Every tensor gets N(0, 0.02^2) added instead.
-    The student's own zero-initialised adapter tensors (gates, input conv) are still compared.
+    The student's own zero-initialised control-encoder tensors (gates, input conv) are still
+    compared.
     """
     path = tmp_path_factory.getbasetemp() / "random_teacher"
     if not path.exists():

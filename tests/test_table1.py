@@ -1,8 +1,8 @@
 """Table 1 driver: the finetune objective's defining property, the row plan, resuming, the report.
 
-The driver tests stub the training (`table1.distill`, `table1.get_teacher`) and the network
-(`table1._cond_apply`) so they check the driver's logic in seconds; one slow test runs the whole
-tiny table for real, then resumes it.
+The driver tests stub the training (`table1.distill`, `table1.load_teacher`) and the network
+(`table1.conditional_model`) so they check the driver's logic in seconds; one slow test runs the
+whole tiny table for real, then resumes it.
 """
 
 from __future__ import annotations
@@ -15,15 +15,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cdd_jax.config import presets
+from cdd_jax.config.validate import validate_config
 from cdd_jax.diffusion import get_schedule
 from cdd_jax.distill.config import distill_config
 from cdd_jax.distill.diffusion_loss import diffusion_loss
 from cdd_jax.distill.objectives import compute_loss
-from cdd_jax.models.conditional import ConditionalUNet, adapter_config, init_from_teacher
+from cdd_jax.evaluate import table1 as table1_eval
+from cdd_jax.models.apply import conditional_apply_fn, unet_apply_fn
+from cdd_jax.models.control import ConditionalUNet, control_config, init_from_teacher
 from cdd_jax.models.unet import UNet, init_params, model_config
 from cdd_jax.parallel.sharding import unbox
-from cdd_jax.train import presets, table1
-from cdd_jax.train.run import _cond_apply, _unet_apply, validate_config
+from cdd_jax.stages import table1
+from cdd_jax.stages.teacher import SHIPPED_TEACHER
 
 # ----------------------------------------------------------------------------------------------
 # finetune == pretraining loss while the gates are closed
@@ -39,10 +43,10 @@ def _tiny_model_cfg():
 @pytest.mark.parametrize("gate", ["scalar", "conv1x1"])
 def test_finetune_reduces_to_the_pretraining_loss_when_the_gates_are_zero(gate):
     size, batch = 16, 4
-    mcfg, acfg = _tiny_model_cfg(), adapter_config()
-    acfg.gate, acfg.cond_embed_ch = gate, (8,)
+    mcfg, ccfg = _tiny_model_cfg(), control_config()
+    ccfg.gate, ccfg.cond_embed_ch = gate, (8,)
     unet = UNet.from_config(mcfg)
-    model = ConditionalUNet.from_config(mcfg, acfg)
+    model = ConditionalUNet.from_config(mcfg, ccfg)
     # A teacher whose output is not zero (the fresh U-Net's output conv is zero-initialised).
     teacher = unbox(init_params(unet, jax.random.key(0), size))
     leaves, tree = jax.tree.flatten(teacher)
@@ -65,11 +69,12 @@ def test_finetune_reduces_to_the_pretraining_loss_when_the_gates_are_zero(gate):
 
     def cond_loss(p):
         return compute_loss(
-            _cond_apply(model), p, {"image": x, "cond": cond}, rng, schedule=schedule, cfg=cfg
+            conditional_apply_fn(model), p, {"image": x, "cond": cond}, rng, schedule=schedule,
+            cfg=cfg
         )[0]
 
     def uncond_loss(p):
-        return diffusion_loss(_unet_apply(unet), p, {"image": x}, rng, schedule=schedule)[0]
+        return diffusion_loss(unet_apply_fn(unet), p, {"image": x}, rng, schedule=schedule)[0]
 
     l_cond, g_cond = jax.jit(jax.value_and_grad(cond_loss))(cond_params)
     l_unc, g_unc = jax.jit(jax.value_and_grad(uncond_loss))(teacher)
@@ -100,8 +105,8 @@ def test_table1_configs_validate_and_bad_values_are_named():
     for variant in ("default", "tiny"):
         cfg = presets.table1_config(variant)
         validate_config(cfg)
-        assert cfg.stage == "table1" and tuple(cfg.table1.rows) == table1.ROWS
-    assert presets.table1_config("default").teacher.checkpoint == presets.SHIPPED_TEACHER
+        assert cfg.stage == "table1" and tuple(cfg.table1.rows) == table1_eval.ROWS
+    assert presets.table1_config("default").teacher.checkpoint == SHIPPED_TEACHER
     cfg = presets.table1_config("tiny")
     cfg.table1.rows = ("codi", "ldm")
     with pytest.raises(ValueError, match="table1.rows"):
@@ -135,7 +140,7 @@ def test_gd_plan_halves_teacher_steps_and_splits_the_budget(num_steps, rounds, s
         rounds,
         student,
     )
-    plan = table1.gd_plan(cfg)
+    plan = table1_eval.gd_plan(cfg)
     assert plan == expected
     assert sum(s for _, s in plan) == num_steps  # the same budget as every other row
     assert plan[-1][0] == 2 * student  # the last round's student takes `student` steps
@@ -173,13 +178,13 @@ def test_check_claims_reports_both_directions():
         row("cm", "consistency", 4, 0.20),
         row("codi", "ddim", 4, 0.26),
     ]
-    lines = table1.check_claims(rows, cfg)
+    lines = table1_eval.check_claims(rows, cfg)
     assert "+4.0% (within 5%" in lines[0]
     assert any("finetune (ddim)" in s and "(better)" in s for s in lines)
     assert any("cm (consistency)" in s and "NOT better" in s for s in lines)
     rows[-1] = row("codi", "ddim", 4, 0.27)
-    assert "NOT within 5%" in table1.check_claims(rows, cfg)[0]
-    assert "not checked" in table1.check_claims(rows[:1], cfg)[0]
+    assert "NOT within 5%" in table1_eval.check_claims(rows, cfg)[0]
+    assert "not checked" in table1_eval.check_claims(rows[:1], cfg)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,14 +200,14 @@ class _StubTraining:
         self.teacher_calls = 0
         self.returned: list[dict] = []
         monkeypatch.setattr(table1, "distill", self.distill)
-        monkeypatch.setattr(table1, "get_teacher", self.get_teacher)
-        monkeypatch.setattr(table1, "_cond_apply", lambda model: self.apply_fn)
+        monkeypatch.setattr(table1, "load_teacher", self.load_teacher)
+        monkeypatch.setattr(table1, "conditional_model", lambda config: (None, self.apply_fn))
 
     @staticmethod
     def apply_fn(params, z, t, cond, rng):
         return params["w"] * z + 0.0 * cond
 
-    def get_teacher(self, config, workdir):
+    def load_teacher(self, config, workdir):
         self.teacher_calls += 1
         return {"teacher": np.zeros(())}
 
@@ -332,7 +337,7 @@ def test_tiny_table_end_to_end_and_resume(tmp_path, monkeypatch):
     rows = cdd_jax.train_and_evaluate(cfg, workdir)
     for name in ("table1.md", "table1.json", "table1_quality_vs_nfe.png", "table1_grid.png"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0
-    assert {r["method"] for r in rows} == set(table1.ROWS)
+    assert {r["method"] for r in rows} == set(table1_eval.ROWS)
     assert all(np.isfinite(r["value"]) for r in rows if r["metric"] in ("psnr", "ssim"))
     bicubic = {r["metric"]: r["value"] for r in rows if r["method"] == "bicubic"}
     assert 10 < bicubic["psnr"] < 60

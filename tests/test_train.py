@@ -9,28 +9,28 @@ import numpy as np
 import pytest
 
 import cdd_jax
+from cdd_jax.config import presets
+from cdd_jax.config.validate import validate_config
 from cdd_jax.data.degradations import SRPairTransform
 from cdd_jax.data.pipeline import build_train_dataset, make_eval_set
 from cdd_jax.distill.ema import ema_decay
 from cdd_jax.models.unet import UNet, init_params
 from cdd_jax.parallel.sharding import unbox
-from cdd_jax.train import presets
+from cdd_jax.stages.distill import distill_job
+from cdd_jax.stages.pretrain import pretrain_job
+from cdd_jax.train.builder import build_train_step
 from cdd_jax.train.checkpoint import export_params
-from cdd_jax.train.run import distill_job, pretrain_job, validate_config
-from cdd_jax.train.state import create_state, make_optimizer, param_labels
-from cdd_jax.train.step import make_train_step
 
 
 def _setup(job, config):
-    abstract = unbox(jax.eval_shape(job.init_params, jax.random.key(0)))
-    labels = param_labels(abstract, job.mode)
-    tx, _ = make_optimizer(config.optim, config.train.num_steps, labels)
-    params = job.initial_params
-    if params is None:
-        params = unbox(job.init_params(jax.random.key(0)))
-    state = create_state(params, tx, with_target=job.target_ema is not None, labels=labels)
-    step = jax.jit(make_train_step(job.loss_fn, tx, labels, ema=job.ema, target_ema=job.target_ema))
-    return state, step, labels
+    """The loop's compiled step on one device (not donated, so states can be compared), called
+    with an explicit rng: (state, step(state, batch, rng) -> (state, metrics), labels)."""
+    built = build_train_step(job, config, donate=False, devices=jax.devices()[:1])
+
+    def step(state, batch, rng):
+        return built.jitted(state, batch, rng, built.finetuned)
+
+    return built.state, step, built.labels
 
 
 def _batch(config, task, sr=None, index=0):
@@ -39,7 +39,8 @@ def _batch(config, task, sr=None, index=0):
 
 
 def _leaves_equal(a, b):
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return all(np.array_equal(x, y)
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_pretrain_step_updates_params_and_ema_by_formula(pretrain_setup):
     d1 = float(ema_decay(1, config.ema.decay, config.ema.warmup))
     assert 0.0 < d1 < config.ema.decay
     for e0, e1, e2, p1, p2 in zip(*(jax.tree.leaves(t) for t in (
-            state0.ema_params, s1.ema_params, s2.ema_params, s1.params, s2.params))):
+            state0.ema_params, s1.ema_params, s2.ema_params, s1.params, s2.params)), strict=True):
         np.testing.assert_allclose(e1, d0 * e0 + (1 - d0) * p1, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(e2, d1 * e1 + (1 - d1) * p2, rtol=1e-5, atol=1e-7)
 
@@ -87,7 +88,7 @@ def _tiny_teacher(config, seed=0):
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     return treedef.unflatten([x + 0.05 * jax.random.normal(k, x.shape)
-                              for x, k in zip(leaves, keys)])
+                              for x, k in zip(leaves, keys, strict=True)])
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +128,8 @@ def test_target_and_eval_ema_follow_their_own_decays(sr_pieces):
     dt, de = float(ema_decay(1, tcfg.decay, tcfg.warmup)), float(ema_decay(1, ecfg.decay,
                                                                            ecfg.warmup))
     for t1, t2, e1, e2, p2 in zip(*(jax.tree.leaves(x) for x in (
-            s1.target_params, s2.target_params, s1.ema_params, s2.ema_params, s2.params))):
+            s1.target_params, s2.target_params, s1.ema_params, s2.ema_params, s2.params)),
+            strict=True):
         np.testing.assert_allclose(t2, dt * t1 + (1 - dt) * p2, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(e2, de * e1 + (1 - de) * p2, rtol=1e-5, atol=1e-7)
 
@@ -137,7 +139,7 @@ def test_codi_loss_falls_over_a_few_dozen_steps(sr_pieces):
     config, sr, eval_set, teacher = sr_pieces
     config = config.copy_and_resolve_references()
     config.distill.lambda_x = 1.0
-    config.adapter.anchor_precision = 0.0
+    config.control.anchor_precision = 0.0
     config.optim.warmup_steps = 1
     config.optim.lr = config.optim.new_lr = 2e-3
     job, _, _ = distill_job(config, teacher, eval_set)

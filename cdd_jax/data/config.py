@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
-
 import ml_collections
 from ml_collections import config_dict
+
+from cdd_jax import config_checks as checks
 
 SOURCES = ("bundled", "folder", "tfds")
 
@@ -61,57 +61,20 @@ def data_config() -> ml_collections.ConfigDict:
     return c
 
 
-_INT_FIELDS = (
-    "crop_size",
-    "batch_size",
-    "num_workers",
-    "read_threads",
-    "prefetch",
-    "seed",
-    "min_image_size",
-    "min_records_per_epoch",
-    "num_eval_crops",
-    "eval_seed",
-)
-_BOOL_FIELDS = ("random_flip", "shuffle")
-
-
 def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
-    """Raises ValueError/TypeError naming the first problem in a data config section.
-
-    Unknown keys (typos) are reported with the closest valid names; missing keys, wrong types,
-    out-of-range values and a source without its location are errors too.
-    """
-    expected = set(data_config().keys())
-    given = set(cfg.keys())
-    unknown = sorted(given - expected)
-    if unknown:
-        described = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, sorted(expected), n=3)
-            described.append(f"{key!r} (did you mean {close}?)" if close else repr(key))
-        raise ValueError(f"unknown data config key(s): {', '.join(described)}")
-    missing = sorted(expected - given)
-    if missing:
-        raise ValueError(f"data config is missing key(s): {missing}")
-    if cfg.source not in SOURCES:
-        raise ValueError(f"data.source must be one of {SOURCES}, got {cfg.source!r}")
-    for key in _INT_FIELDS:
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"data.{key} must be an int, got {value!r}")
-    for key in _BOOL_FIELDS:
-        if not isinstance(cfg[key], bool):
-            raise TypeError(f"data.{key} must be a bool, got {cfg[key]!r}")
+    """Raises ValueError/TypeError naming the first problem in a `data` section: unknown keys
+    (with the closest valid names), missing keys, wrong types, out-of-range values, a source
+    without its location."""
+    checks.check_keys(cfg, data_config(), "data.")
+    checks.choice(cfg, "source", SOURCES, prefix="data.")
     for key in ("crop_size", "batch_size", "num_eval_crops", "min_records_per_epoch"):
-        if cfg[key] <= 0:
-            raise ValueError(f"data.{key} must be positive, got {cfg[key]}")
+        checks.number(cfg, key, 1, integer=True, prefix="data.")
     for key in ("num_workers", "read_threads", "prefetch", "min_image_size"):
-        if cfg[key] < 0:
-            raise ValueError(f"data.{key} must be >= 0, got {cfg[key]}")
+        checks.number(cfg, key, 0, integer=True, prefix="data.")
     for key in ("seed", "eval_seed"):
-        if not 0 <= cfg[key] < 2**32:
-            raise ValueError(f"data.{key} must be in [0, 2**32), got {cfg[key]}")
+        checks.number(cfg, key, 0, 2**32, hi_open=True, integer=True, prefix="data.")
+    for key in ("random_flip", "shuffle"):
+        checks.boolean(cfg, key, prefix="data.")
     if cfg.source == "folder" and not cfg.folder:
         raise ValueError("data.source='folder' needs data.folder (a directory of images)")
     if cfg.source == "tfds" and not cfg.tfds_name:

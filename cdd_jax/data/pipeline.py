@@ -123,6 +123,16 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
+def _nonempty_source(data_cfg, split: str, source=None):
+    """`source`, or the config's source of `split` ("train" | "eval"); an empty one is an error."""
+    if source is None:
+        source = make_source(data_cfg, split)
+    if len(source) == 0:
+        kind = "training" if split == "train" else "evaluation"
+        raise ValueError(f"{kind} source {source!r} is empty")
+    return source
+
+
 def build_train_dataset(
     data_cfg: ml_collections.ConfigDict,
     *,
@@ -143,11 +153,8 @@ def build_train_dataset(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     transform = _transform(data_cfg, task, sr_transform, train=True)
-    if source is None:
-        source = make_source(data_cfg, "train")
+    source = _nonempty_source(data_cfg, "train", source)
     n = len(source)
-    if n == 0:
-        raise ValueError(f"training source {source!r} is empty")
 
     ds = grain.MapDataset.source(source)
     reps = math.ceil(data_cfg.min_records_per_epoch / n)
@@ -231,11 +238,8 @@ def make_eval_set(
     if num_crops <= 0:
         raise ValueError(f"num_crops must be positive, got {num_crops}")
     transform = _transform(data_cfg, task, sr_transform, train=False)
-    if source is None:
-        source = make_source(data_cfg, "eval")
+    source = _nonempty_source(data_cfg, "eval", source)
     n = len(source)
-    if n == 0:
-        raise ValueError(f"evaluation source {source!r} is empty")
     ds = grain.MapDataset.source(source).repeat(math.ceil(num_crops / n), reseed_each_epoch=False)
     ds = ds.map(PadToRecord(_min_size(data_cfg)))
     ds = ds.random_map(transform, seed=derive_seed(seed, _EVAL_TRANSFORM))

@@ -167,6 +167,20 @@ def dpmpp_2m_step(
 # --------------------------------------------------------------------------- full sampling
 
 
+def _resolve_grid(num_steps: int | None, timesteps: Any) -> np.ndarray:
+    """The descending time grid from `num_steps` or explicit `timesteps` (checked to agree)."""
+    if timesteps is None:
+        if num_steps is None:
+            raise ValueError("give num_steps or timesteps")
+        return time_grid(num_steps)
+    grid = _check_grid(timesteps)
+    if num_steps is not None and _check_int("num_steps", num_steps, 1) != grid.size - 1:
+        raise ValueError(
+            f"num_steps={num_steps} but timesteps has {grid.size} times ({grid.size - 1} steps)"
+        )
+    return grid
+
+
 def sample(
     model_fn: ModelFn,
     z_T: jax.Array,
@@ -197,16 +211,7 @@ def sample(
         raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {list(SAMPLERS)}")
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
-    if timesteps is None:
-        if num_steps is None:
-            raise ValueError("give num_steps or timesteps")
-        grid = time_grid(num_steps)
-    else:
-        grid = _check_grid(timesteps)
-        if num_steps is not None and _check_int("num_steps", num_steps, 1) != grid.size - 1:
-            raise ValueError(
-                f"num_steps={num_steps} but timesteps has {grid.size} times ({grid.size - 1} steps)"
-            )
+    grid = _resolve_grid(num_steps, timesteps)
     z_T = jnp.asarray(z_T)
     to_zero = grid[-1] == 0.0
     # The last step into t = 0 is taken separately (x_hat is returned); the rest runs in a scan.

@@ -16,18 +16,19 @@ from cdd_jax.distill.codi import (
     sample_codi_times,
     unpack_batch,
 )
-from cdd_jax.distill.config import distill_config, validate_distill_config
+from cdd_jax.distill.config import diffusion_config, distill_config, validate_distill_config
 from cdd_jax.distill.diffusion_loss import diffusion_loss, v_space_weight
 from cdd_jax.distill.ema import ema_decay, ema_update
-from cdd_jax.distill.objectives import compute_loss, needs_target, needs_teacher
+from cdd_jax.distill.objectives import Objective, compute_loss, objective_spec
 from cdd_jax.distill.sampling import (
     consistency_sample,
     few_step_sample,
     sampling_grid,
-    teacher_sample,
+    solver_sample,
 )
 
 __all__ = [
+    "Objective",
     "as_model_fn",
     "cm_loss",
     "cm_scalings",
@@ -37,6 +38,7 @@ __all__ = [
     "consistency_sample",
     "diffusion_loss",
     "distance",
+    "diffusion_config",
     "distill_config",
     "ema_decay",
     "ema_update",
@@ -44,12 +46,11 @@ __all__ = [
     "few_step_sample",
     "gd_loss",
     "gd_target",
-    "needs_target",
-    "needs_teacher",
+    "objective_spec",
     "prev_predictor",
     "sample_codi_times",
     "sampling_grid",
-    "teacher_sample",
+    "solver_sample",
     "unpack_batch",
     "v_space_weight",
     "validate_distill_config",

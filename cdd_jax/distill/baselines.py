@@ -2,7 +2,7 @@
 
 Both distil a fine-tuned conditional teacher (trained with `diffusion_loss`) into a few-step
 student initialised from it; the teacher network is called with the student's `apply_fn`
-(same architecture) unless `teacher_apply_fn` is given, always deterministically (rng None).
+(same architecture) unless `finetuned_apply_fn` is given, always deterministically (rng None).
 """
 
 from __future__ import annotations
@@ -61,13 +61,13 @@ def cm_loss(
     apply_fn: ApplyFn,
     params: Any,
     target_params: Any,
-    teacher_params: Any,
+    finetuned_params: Any,
     batch: Mapping[str, Any],
     rng: jax.Array,
     *,
     schedule: Schedule,
     cfg: ml_collections.ConfigDict,
-    teacher_apply_fn: ApplyFn | None = None,
+    finetuned_apply_fn: ApplyFn | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Consistency distillation: d(f_theta(z_t, t), sg f_theta_minus(z_hat_s, s)).
 
@@ -84,7 +84,7 @@ def cm_loss(
     z_t = add_noise(x, eps, alpha_t, sigma_t)
 
     teacher_fn = as_model_fn(
-        teacher_apply_fn or apply_fn, jax.lax.stop_gradient(teacher_params), cond, x.shape[0]
+        finetuned_apply_fn or apply_fn, jax.lax.stop_gradient(finetuned_params), cond, x.shape[0]
     )
     z_hat_s, _ = ddim_step(teacher_fn, z_t, t, s, schedule)
     z_hat_s = jax.lax.stop_gradient(z_hat_s)
@@ -124,13 +124,13 @@ def gd_target(
 def gd_loss(
     apply_fn: ApplyFn,
     params: Any,
-    teacher_params: Any,
+    finetuned_params: Any,
     batch: Mapping[str, Any],
     rng: jax.Array,
     *,
     schedule: Schedule,
     cfg: ml_collections.ConfigDict,
-    teacher_apply_fn: ApplyFn | None = None,
+    finetuned_apply_fn: ApplyFn | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Guided / progressive distillation (Salimans & Ho 2022; Meng et al. 2023), one round.
 
@@ -154,7 +154,7 @@ def gd_loss(
     z_t = add_noise(x, eps, alpha_t, sigma_t)
 
     teacher_fn = as_model_fn(
-        teacher_apply_fn or apply_fn, jax.lax.stop_gradient(teacher_params), cond, x.shape[0]
+        finetuned_apply_fn or apply_fn, jax.lax.stop_gradient(finetuned_params), cond, x.shape[0]
     )
     z_mid, _ = ddim_step(teacher_fn, z_t, t, t_mid, schedule)
     z_tt, _ = ddim_step(teacher_fn, z_mid, t_mid, t_tt, schedule)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import numbers
-
 import ml_collections
+
+from cdd_jax import config_checks as checks
+from cdd_jax.diffusion import SCHEDULES
+from cdd_jax.distill.ema import WARMUPS as EMA_WARMUPS
 
 OBJECTIVES = ("codi", "pe_codi", "finetune", "cm", "gd")
 PREDICTORS = ("prev", "ddim")
 EPS_WEIGHTINGS = ("none", "min_snr", "truncated_snr")
 DIFFUSION_WEIGHTINGS = ("none", "min_snr", "truncated_snr", "snr_plus_one")
 DISTANCES = ("l2", "l1", "pseudo_huber")
-EMA_WARMUPS = ("none", "consistency", "power")
 BOUNDARIES = ("target", "real_noise")
 GD_WEIGHTINGS = ("none", "truncated_snr")
 
@@ -27,8 +28,6 @@ def ema_config(decay: float, warmup: str) -> ml_collections.ConfigDict:
     c.inv_gamma = 1.0  # Step scale of the "power" warm-up.
     return c
 
-
-_ema_config = ema_config  # old private name, still imported by callers
 
 
 def distill_config() -> ml_collections.ConfigDict:
@@ -84,69 +83,52 @@ def distill_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"distill.{name} must be one of {choices}, got {value!r}")
+def diffusion_config() -> ml_collections.ConfigDict:
+    """The `diffusion` section: the noise schedule and the pretraining loss weighting."""
+    c = ml_collections.ConfigDict()
+    c.schedule = "cosine"  # "cosine" | "linear" | "scaled_linear" (see cdd_jax.diffusion).
+    c.weighting = "none"  # v-loss weighting: "none" | "min_snr" | "truncated_snr" | "snr_plus_one".
+    c.snr_gamma = 5.0  # gamma of the min-SNR weighting.
+    return c
 
 
-def _check_number(name: str, value, *, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"distill.{name} must be a number, got {value!r}")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise ValueError(f"distill.{name} must be {'>' if lo_open else '>='} {lo}, got {value!r}")
-    if hi is not None and (value > hi or (hi_open and value == hi)):
-        raise ValueError(f"distill.{name} must be {'<' if hi_open else '<='} {hi}, got {value!r}")
+def validate_diffusion_config(cfg: ml_collections.ConfigDict) -> None:
+    checks.check_keys(cfg, diffusion_config(), "diffusion.")
+    checks.choice(cfg, "schedule", tuple(SCHEDULES), prefix="diffusion.")
+    checks.choice(cfg, "weighting", DIFFUSION_WEIGHTINGS, prefix="diffusion.")
+    checks.number(cfg, "snr_gamma", 0, lo_open=True, prefix="diffusion.")
 
 
-def _check_keys(cfg, ref, prefix: str) -> None:
-    unknown = sorted(set(cfg.keys()) - set(ref.keys()))
-    missing = sorted(set(ref.keys()) - set(cfg.keys()))
-    if unknown:
-        raise ValueError(f"unknown config keys under {prefix}: {unknown}")
-    if missing:
-        raise ValueError(f"missing config keys under {prefix}: {missing}")
-    for key in ref.keys():
-        if isinstance(ref[key], ml_collections.ConfigDict):
-            if not isinstance(cfg[key], ml_collections.ConfigDict):
-                raise TypeError(f"{prefix}.{key} must be a ConfigDict, got {cfg[key]!r}")
-            _check_keys(cfg[key], ref[key], f"{prefix}.{key}")
+def validate_ema_config(cfg: ml_collections.ConfigDict, prefix: str) -> None:
+    """An EMA section (`ema.`, `distill.target_ema.`, ...)."""
+    checks.check_keys(cfg, ema_config(0.999, "none"), prefix)
+    checks.number(cfg, "decay", 0, 1, hi_open=True, prefix=prefix)
+    checks.choice(cfg, "warmup", EMA_WARMUPS, prefix=prefix)
+    for key in ("power", "inv_gamma"):
+        checks.number(cfg, key, 0, lo_open=True, prefix=prefix)
 
 
 def validate_distill_config(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Raises ValueError/TypeError naming the first bad or unknown field; returns `cfg`."""
-    if not isinstance(cfg, ml_collections.ConfigDict):
-        raise TypeError(f"distill config must be an ml_collections.ConfigDict, got {type(cfg)}")
-    _check_keys(cfg, distill_config(), "distill")
-    _check_choice("objective", cfg.objective, OBJECTIVES)
-    n = cfg.num_grid_steps
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"distill.num_grid_steps must be an integer >= 1, got {n!r}")
-    if cfg.objective == "gd" and n % 2:
-        raise ValueError(f"distill.num_grid_steps must be even for objective 'gd', got {n}")
-    _check_choice("predictor", cfg.predictor, PREDICTORS)
-    _check_choice("boundary", cfg.boundary, BOUNDARIES)
-    _check_number("lambda_x", cfg.lambda_x, lo=0.0)
-    _check_choice("eps_weighting", cfg.eps_weighting, EPS_WEIGHTINGS)
-    _check_choice("diffusion_weighting", cfg.diffusion_weighting, DIFFUSION_WEIGHTINGS)
-    _check_number("snr_gamma", cfg.snr_gamma, lo=0.0, lo_open=True)
-    _check_choice("d_eps", cfg.d_eps, DISTANCES)
-    _check_choice("d_x", cfg.d_x, DISTANCES)
-    _check_number("pseudo_huber_c", cfg.pseudo_huber_c, lo=0.0, lo_open=True)
+    p = "distill."
+    checks.check_keys(cfg, distill_config(), p)
+    checks.choice(cfg, "objective", OBJECTIVES, prefix=p)
+    checks.number(cfg, "num_grid_steps", 1, integer=True, prefix=p)
+    if cfg.objective == "gd" and cfg.num_grid_steps % 2:
+        raise ValueError(f"distill.num_grid_steps must be even for objective 'gd', "
+                         f"got {cfg.num_grid_steps}")
+    for key, valid in (("predictor", PREDICTORS), ("boundary", BOUNDARIES),
+                       ("eps_weighting", EPS_WEIGHTINGS),
+                       ("diffusion_weighting", DIFFUSION_WEIGHTINGS), ("d_eps", DISTANCES),
+                       ("d_x", DISTANCES), ("cm.distance", DISTANCES),
+                       ("gd.weighting", GD_WEIGHTINGS)):
+        checks.choice(cfg, key, valid, prefix=p)
+    checks.number(cfg, "lambda_x", 0, prefix=p)
+    for key in ("snr_gamma", "pseudo_huber_c", "cm.sigma_data", "cm.time_scale"):
+        checks.number(cfg, key, 0, lo_open=True, prefix=p)
+    checks.number(cfg, "cm.eps_t_min", 0, 1, hi_open=True, prefix=p)
     for name in ("target_ema", "eval_ema"):
-        ema = cfg[name]
-        _check_number(f"{name}.decay", ema.decay, lo=0.0, hi=1.0, hi_open=True)
-        _check_choice(f"{name}.warmup", ema.warmup, EMA_WARMUPS)
-        _check_number(f"{name}.power", ema.power, lo=0.0, lo_open=True)
-        _check_number(f"{name}.inv_gamma", ema.inv_gamma, lo=0.0, lo_open=True)
-    _check_number("cm.sigma_data", cfg.cm.sigma_data, lo=0.0, lo_open=True)
-    _check_number("cm.time_scale", cfg.cm.time_scale, lo=0.0, lo_open=True)
-    _check_number("cm.eps_t_min", cfg.cm.eps_t_min, lo=0.0, hi=1.0, hi_open=True)
-    _check_choice("cm.distance", cfg.cm.distance, DISTANCES)
-    _check_choice("gd.weighting", cfg.gd.weighting, GD_WEIGHTINGS)
-    for name in ("per_example_t", "cm.per_example_t", "gd.per_example_t"):
-        value = cfg
-        for part in name.split("."):
-            value = value[part]
-        if not isinstance(value, bool):
-            raise TypeError(f"distill.{name} must be a bool, got {value!r}")
+        validate_ema_config(cfg[name], f"{p}{name}.")
+    for key in ("per_example_t", "cm.per_example_t", "gd.per_example_t"):
+        checks.boolean(cfg, key, prefix=p)
     return cfg

@@ -1,7 +1,13 @@
-"""One entry point over the objectives, so the train step does not branch on the method."""
+"""The objectives by name: what each one reads and trains, and one entry point over their losses.
+
+This table is the only place that decodes `distill.objective`: the stage wiring asks it whether
+a target EMA or a fine-tuned model is needed and whether the backbone is frozen, and the train
+step calls `compute_loss` without branching on the method.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,26 +20,29 @@ from cdd_jax.distill.codi import ApplyFn, codi_loss
 from cdd_jax.distill.config import OBJECTIVES
 from cdd_jax.distill.diffusion_loss import diffusion_loss
 
-# Which extra parameter sets each objective reads (besides the online params).
-NEEDS_TARGET = frozenset({"codi", "pe_codi", "cm"})  # theta_minus: the target EMA
-NEEDS_TEACHER = frozenset({"cm", "gd"})  # frozen fine-tuned teacher
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    uses_target: bool  # reads the target EMA theta_minus
+    uses_finetuned: bool  # reads a frozen fine-tuned conditional model (CM-II / GD-II teacher)
+    freeze_backbone: bool  # only the control encoder trains (PE-CoDi)
 
 
-def needs_target(objective: str) -> bool:
-    """Whether `objective` uses a target EMA theta_minus."""
-    _check(objective)
-    return objective in NEEDS_TARGET
+_TABLE = {
+    "codi": Objective(uses_target=True, uses_finetuned=False, freeze_backbone=False),
+    "pe_codi": Objective(uses_target=True, uses_finetuned=False, freeze_backbone=True),
+    "finetune": Objective(uses_target=False, uses_finetuned=False, freeze_backbone=False),
+    "cm": Objective(uses_target=True, uses_finetuned=True, freeze_backbone=False),
+    "gd": Objective(uses_target=False, uses_finetuned=True, freeze_backbone=False),
+}
+assert set(_TABLE) == set(OBJECTIVES)
 
 
-def needs_teacher(objective: str) -> bool:
-    """Whether `objective` uses a frozen teacher."""
-    _check(objective)
-    return objective in NEEDS_TEACHER
-
-
-def _check(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; valid: {OBJECTIVES}")
+def objective_spec(name: str) -> Objective:
+    """What objective `name` reads and trains; ValueError for an unknown name."""
+    if name not in _TABLE:
+        raise ValueError(f"unknown objective {name!r}; valid: {OBJECTIVES}")
+    return _TABLE[name]
 
 
 def compute_loss(
@@ -45,29 +54,21 @@ def compute_loss(
     schedule: Schedule,
     cfg: ml_collections.ConfigDict,
     target_params: Any = None,
-    teacher_params: Any = None,
+    finetuned_params: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss of `cfg.objective` ("pe_codi" is the CoDi loss; the trainer freezes the backbone)."""
     objective = cfg.objective
-    _check(objective)
-    if objective in NEEDS_TARGET and target_params is None:
+    spec = objective_spec(objective)
+    if spec.uses_target and target_params is None:
         raise ValueError(f"objective {objective!r} needs target_params (the target EMA)")
-    if objective in NEEDS_TEACHER and teacher_params is None:
-        raise ValueError(f"objective {objective!r} needs teacher_params")
+    if spec.uses_finetuned and finetuned_params is None:
+        raise ValueError(f"objective {objective!r} needs finetuned_params")
     if objective in ("codi", "pe_codi"):
         return codi_loss(apply_fn, params, target_params, batch, rng, schedule=schedule, cfg=cfg)
     if objective == "finetune":
-        return diffusion_loss(
-            apply_fn,
-            params,
-            batch,
-            rng,
-            schedule=schedule,
-            weighting=cfg.diffusion_weighting,
-            snr_gamma=cfg.snr_gamma,
-        )
+        return diffusion_loss(apply_fn, params, batch, rng, schedule=schedule,
+                              weighting=cfg.diffusion_weighting, snr_gamma=cfg.snr_gamma)
     if objective == "cm":
-        return cm_loss(
-            apply_fn, params, target_params, teacher_params, batch, rng, schedule=schedule, cfg=cfg
-        )
-    return gd_loss(apply_fn, params, teacher_params, batch, rng, schedule=schedule, cfg=cfg)
+        return cm_loss(apply_fn, params, target_params, finetuned_params, batch, rng,
+                       schedule=schedule, cfg=cfg)
+    return gd_loss(apply_fn, params, finetuned_params, batch, rng, schedule=schedule, cfg=cfg)

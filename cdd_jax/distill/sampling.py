@@ -51,7 +51,7 @@ def _start(cond: jax.Array | None, rng: jax.Array, shape: tuple[int, ...] | None
     return jax.random.normal(rng, shape, jnp.float32)
 
 
-def teacher_sample(
+def solver_sample(
     apply_fn: ApplyFn,
     params: Any,
     cond: jax.Array | None,
@@ -92,7 +92,7 @@ def few_step_sample(
     """K-step sampling of a distilled student; returns x. `renoise` (module docstring): "ddim"
     is the paper's few-step sampler, "fresh" re-noises each prediction with new noise."""
     if renoise == "ddim":
-        return teacher_sample(apply_fn, params, cond, rng, schedule=schedule,
+        return solver_sample(apply_fn, params, cond, rng, schedule=schedule,
                               num_steps=num_steps, sampler="ddim", grid=grid,
                               train_steps=train_steps, shape=shape)
     if renoise != "fresh":

@@ -153,3 +153,18 @@ def plot_quality_vs_nfe(
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def tile_images(images: np.ndarray, cols: int | None = None) -> np.ndarray:
+    """[N, H, W, 3] in [-1, 1] -> one uint8 image of the N images in rows of `cols`
+    (default: a near-square grid), unlabelled and at native size."""
+    images = np.asarray(images)
+    n, h, w, _ = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = np.round(
+            (np.clip(im, -1, 1) + 1) * 127.5).astype(np.uint8)
+    return grid

@@ -182,6 +182,31 @@ def evaluate_methods(
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"evaluate_methods: batch_size must be a positive int, got {batch_size!r}")
+    _check_methods(methods)
+    scale = _check_eval_set(eval_set, target_key)
+    data = {k: np.asarray(eval_set[k], np.float32) for k in ("cond", "lq")}
+    data["hq"] = np.asarray(eval_set[target_key], np.float32)
+    n = data["hq"].shape[0]
+    results = EvalResults()
+    for key, spec in methods.items():
+        per_image, kept, seconds = _run_method(
+            key, spec, data, metrics, batch_size=batch_size, base_key=jax.random.key(rng_seed),
+            scale=scale if consistency else None, keep_predictions=keep_predictions)
+        results.per_image[key] = per_image
+        if kept:
+            results.predictions[key] = np.concatenate(kept)[:keep_predictions]
+        for name, v in per_image.items():
+            mean, stderr = _mean_and_stderr(v)
+            results.append(dict(method=spec.name, sampler=spec.sampler, steps=int(spec.steps),
+                                metric=name, value=mean, stderr=stderr,
+                                seconds_per_image=seconds / n, n_images=n))
+        logging.info("evaluated %s (%s, %d steps): %s; %.4f s/image", key, spec.sampler,
+                     spec.steps, ", ".join(f"{k}={np.mean(v):.4f}" for k, v in per_image.items()),
+                     seconds / n)
+    return results
+
+
+def _check_methods(methods: Mapping[str, MethodSpec]) -> None:
     if not methods:
         raise ValueError("evaluate_methods: no methods given")
     seen = {}
@@ -192,67 +217,38 @@ def evaluate_methods(
         if ident in seen:
             raise ValueError(f"methods {seen[ident]!r} and {key!r} share (name, sampler, steps)")
         seen[ident] = key
-    scale = _check_eval_set(eval_set, target_key)
-    hq = np.asarray(eval_set[target_key], np.float32)
-    cond = np.asarray(eval_set["cond"], np.float32)
-    lq = np.asarray(eval_set["lq"], np.float32)
+
+
+def _run_method(key: str, spec: MethodSpec, data: dict[str, np.ndarray], metrics: MetricSuite, *,
+                batch_size: int, base_key: jax.Array, scale: int | None, keep_predictions: int):
+    """One method over every batch: (per-image scores, kept predictions, timed seconds)."""
+    cond, lq, hq = data["cond"], data["lq"], data["hq"]
     n = hq.shape[0]
     starts = list(range(0, n, batch_size))
-    base_key = jax.random.key(rng_seed)
-
-    results = EvalResults()
-    for key, spec in methods.items():
-        # Warm-up (compilation) on the first batch, with a key no timed batch uses.
-        warm_key = jax.random.fold_in(base_key, len(starts))
-        jax.block_until_ready(
-            spec.fn(_batch(cond, 0, batch_size), _batch(lq, 0, batch_size), warm_key)
-        )
-        seconds = 0.0
-        values: dict[str, list[np.ndarray]] = {}
-        kept = []
-        for i, start in enumerate(starts):
-            c, low = _batch(cond, start, batch_size), _batch(lq, start, batch_size)
-            t0 = time.perf_counter()
-            out = jax.block_until_ready(spec.fn(c, low, jax.random.fold_in(base_key, i)))
-            seconds += time.perf_counter() - t0
-            real = min(batch_size, n - start)
-            pred = np.asarray(out, np.float32)
-            if pred.shape != c.shape:
-                raise ValueError(f"method {key!r} returned shape {pred.shape}, expected {c.shape}")
-            pred = pred[:real]
-            if not np.all(np.isfinite(pred)):
-                raise ValueError(f"method {key!r} returned non-finite values in batch {i}")
-            scores = metrics(pred, hq[start : start + real])
-            if consistency:
-                scores.update(downsample_consistency(pred, lq[start : start + real], scale))
-            for name, v in scores.items():
-                values.setdefault(name, []).append(v)
-            if sum(k.shape[0] for k in kept) < keep_predictions:
-                kept.append(pred)
-        per_image = {name: np.concatenate(v) for name, v in values.items()}
-        results.per_image[key] = per_image
-        if kept:
-            results.predictions[key] = np.concatenate(kept)[:keep_predictions]
-        for name, v in per_image.items():
-            mean, stderr = _mean_and_stderr(v)
-            results.append(
-                dict(
-                    method=spec.name,
-                    sampler=spec.sampler,
-                    steps=int(spec.steps),
-                    metric=name,
-                    value=mean,
-                    stderr=stderr,
-                    seconds_per_image=seconds / n,
-                    n_images=n,
-                )
-            )
-        logging.info(
-            "evaluated %s (%s, %d steps): %s; %.4f s/image",
-            key,
-            spec.sampler,
-            spec.steps,
-            ", ".join(f"{k}={np.mean(v):.4f}" for k, v in per_image.items()),
-            seconds / n,
-        )
-    return results
+    # Warm-up (compilation) on the first batch, with a key no timed batch uses.
+    warm_key = jax.random.fold_in(base_key, len(starts))
+    jax.block_until_ready(spec.fn(_batch(cond, 0, batch_size), _batch(lq, 0, batch_size),
+                                  warm_key))
+    seconds = 0.0
+    values: dict[str, list[np.ndarray]] = {}
+    kept = []
+    for i, start in enumerate(starts):
+        c, low = _batch(cond, start, batch_size), _batch(lq, start, batch_size)
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(spec.fn(c, low, jax.random.fold_in(base_key, i)))
+        seconds += time.perf_counter() - t0
+        real = min(batch_size, n - start)
+        pred = np.asarray(out, np.float32)
+        if pred.shape != c.shape:
+            raise ValueError(f"method {key!r} returned shape {pred.shape}, expected {c.shape}")
+        pred = pred[:real]
+        if not np.all(np.isfinite(pred)):
+            raise ValueError(f"method {key!r} returned non-finite values in batch {i}")
+        scores = metrics(pred, hq[start : start + real])
+        if scale is not None:
+            scores.update(downsample_consistency(pred, lq[start : start + real], scale))
+        for name, v in scores.items():
+            values.setdefault(name, []).append(v)
+        if sum(k.shape[0] for k in kept) < keep_predictions:
+            kept.append(pred)
+    return {name: np.concatenate(v) for name, v in values.items()}, kept, seconds

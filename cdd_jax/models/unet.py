@@ -1,6 +1,6 @@
 """A pure-functional linen U-Net (NHWC) that predicts v, split into separable parts.
 
-The parts are separate modules so that the conditional adapter (`conditional.py`) can duplicate the
+The parts are separate modules so that the control encoder (`control.py`) can duplicate the
 encoder path exactly:
 
     time_embed: t -> emb
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cdd_jax import config_checks as checks
 from cdd_jax.models.layers import (
     AttnBlock,
     Conv,
@@ -55,8 +56,8 @@ def _resblock_cls(remat: bool):
     return nn.remat(ResBlock, static_argnums=(3,)) if remat else ResBlock
 
 
-class Encoder(nn.Module):
-    """Input conv and the down path. Returns the skip features, shallowest first."""
+class _Levels(nn.Module):
+    """The fields shared by the down and the up path."""
 
     ch: int
     ch_mult: Sequence[int]
@@ -67,6 +68,10 @@ class Encoder(nn.Module):
     head_dim: int = 32
     dtype: Dtype = jnp.float32
     remat: bool = False
+
+
+class Encoder(_Levels):
+    """Input conv and the down path. Returns the skip features, shallowest first."""
 
     @nn.compact
     def __call__(self, x, emb, train: bool, input_residual=None):
@@ -107,18 +112,8 @@ class Middle(nn.Module):
         return block(c, self.dropout, self.num_groups, self.dtype, name="res_1")(h, emb, train)
 
 
-class Decoder(nn.Module):
+class Decoder(_Levels):
     """The up path: consumes the encoder's skips deepest first."""
-
-    ch: int
-    ch_mult: Sequence[int]
-    num_res_blocks: int
-    attn_resolutions: Sequence[int]
-    dropout: float = 0.0
-    num_groups: int = 8
-    head_dim: int = 32
-    dtype: Dtype = jnp.float32
-    remat: bool = False
 
     @nn.compact
     def __call__(self, h, skips, emb, train: bool):
@@ -192,17 +187,22 @@ class UNet(nn.Module):
         return out.astype(jnp.float32)
 
 
+def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError/TypeError naming the first bad `model` field."""
+    checks.check_keys(cfg, model_config(), "model.")
+    for key in ("ch", "num_res_blocks", "num_groups", "head_dim"):
+        checks.number(cfg, key, 1, integer=True, prefix="model.")
+    checks.positive_ints(cfg, "ch_mult", prefix="model.")
+    if tuple(cfg.attn_resolutions):
+        checks.positive_ints(cfg, "attn_resolutions", prefix="model.")
+    checks.number(cfg, "dropout", 0, 1, hi_open=True, prefix="model.")
+    checks.choice(cfg, "dtype", ("float32", "bfloat16"), prefix="model.")
+    checks.boolean(cfg, "remat", prefix="model.")
+
+
 def unet_kwargs(cfg: ml_collections.ConfigDict) -> dict:
     """Validated keyword arguments for `UNet` from a `model_config()` section."""
-    if cfg.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
-    if cfg.ch <= 0 or cfg.num_res_blocks <= 0 or not cfg.ch_mult:
-        raise ValueError(
-            f"model.ch ({cfg.ch}), model.num_res_blocks ({cfg.num_res_blocks}) and "
-            f"model.ch_mult ({cfg.ch_mult}) must be positive / non-empty"
-        )
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ValueError(f"model.dropout must be in [0, 1), got {cfg.dropout}")
+    validate_model_config(cfg)
     return dict(
         ch=int(cfg.ch),
         ch_mult=tuple(int(m) for m in cfg.ch_mult),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from cdd_jax import config_checks as checks
+
 # Mesh axis names, outermost (slowest interconnect) first: pure data parallelism, fully sharded data
 # parallelism (the batch *and* the large parameters/optimiser state are split), tensor parallelism.
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -48,3 +50,13 @@ def mesh_config() -> ml_collections.ConfigDict:
     # JAX_NUM_CPU_DEVICES or XLA_FLAGS host device count wins. No effect on GPU/TPU meshes.
     cfg.num_cpu_devices = 0
     return cfg
+
+
+def validate_mesh_config(cfg: ml_collections.ConfigDict) -> None:
+    """The section's own values; the fit to the devices and the batch is `check_mesh_config`."""
+    checks.check_keys(cfg, mesh_config(), "mesh.")
+    if len(tuple(cfg.axes)) != len(tuple(cfg.sizes)):
+        raise ValueError(f"mesh.axes {tuple(cfg.axes)} and mesh.sizes {tuple(cfg.sizes)} differ "
+                         "in length")
+    checks.number(cfg, "min_shard_bytes", 0, integer=True, prefix="mesh.")
+    checks.number(cfg, "num_cpu_devices", -1, integer=True, prefix="mesh.")

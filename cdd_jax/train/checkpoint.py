@@ -1,4 +1,5 @@
-"""Orbax checkpoints: one composite per step holding the train state, data-iterator state and config.
+"""Orbax checkpoints: one composite per step holding the train state, the data-iterator state
+and the config.
 
 Orbax writes each step into a temporary directory and renames it only once complete, so a step
 directory that exists is complete; `restore_latest` still verifies and, if the newest checkpoint

@@ -1,13 +1,12 @@
 """The train state: one pytree with step, parameters, EMA parameters and optimiser state.
 
-Parameters are stored whole (backbone and adapter together). Which of them train is decided by
-*labels* (`param_labels`): "frozen" leaves get no gradient (they are closed over, not
-differentiated) and no optimiser state (optax.multi_transform with set_to_zero keeps none).
+Parameters are stored whole (U-Net backbone and control encoder together). Which of them train
+is decided by *labels* (`param_labels`): "frozen" leaves get no gradient (they are closed over,
+not differentiated) and no optimiser state (optax.multi_transform with set_to_zero keeps none).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -27,21 +26,6 @@ class TrainState:
     target_params: PyTree  # Target EMA theta^- of CoDi / CM (None when the objective needs none).
     opt_state: PyTree
     nonfinite_steps: jax.Array  # Updates skipped because the loss or gradients were not finite.
-
-
-def optim_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.lr = 2e-4  # Peak AdamW learning rate of the backbone (the U-Net).
-    c.new_lr = 2e-4  # Peak learning rate of parameters under `control/` (adapter, gates).
-    c.warmup_steps = 200  # Linear warm-up steps.
-    c.decay = "cosine"  # "cosine" (to final_lr_frac * lr at num_steps) or "constant".
-    c.final_lr_frac = 0.1  # Final learning rate as a fraction of the peak (cosine decay).
-    c.b1 = 0.9
-    c.b2 = 0.99
-    c.eps = 1e-8
-    c.weight_decay = 0.0  # Decoupled weight decay (AdamW).
-    c.grad_clip = 1.0  # Global-norm gradient clipping (0 disables).
-    return c
 
 
 def lr_schedule(peak: float, cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -79,20 +63,15 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int, labels: PyTre
     return tx, schedules
 
 
-def param_labels(params: PyTree, mode: str) -> PyTree:
-    """Label each parameter "backbone", "new" or "frozen".
-
-    mode "pretrain" / "codi": every parameter trains; those under `control/` are "new".
-    mode "pe_codi": the U-Net backbone (`unet/`) is "frozen"; only `control/` trains.
-    """
-    if mode not in ("pretrain", "codi", "pe_codi"):
-        raise ValueError(f"unknown training mode {mode!r}")
+def param_labels(params: PyTree, *, freeze_backbone: bool) -> PyTree:
+    """Label each parameter "new" (under `control/`: the control encoder), "backbone" (the
+    U-Net), or "frozen" (the U-Net when `freeze_backbone`, as in PE-CoDi)."""
 
     def label(path, _):
         top = path[0].key if path else ""
         if top == "control":
             return "new"
-        return "frozen" if mode == "pe_codi" else "backbone"
+        return "frozen" if freeze_backbone else "backbone"
 
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -113,8 +92,8 @@ def count_params(tree: PyTree) -> int:
     return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
-def create_state(params: PyTree, tx: optax.GradientTransformation, *, with_target: bool,
-                 labels: PyTree) -> TrainState:
+def create_state(params: PyTree, tx: optax.GradientTransformation, *,
+                 with_target: bool) -> TrainState:
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -124,5 +103,3 @@ def create_state(params: PyTree, tx: optax.GradientTransformation, *, with_targe
         nonfinite_steps=jnp.zeros((), jnp.int32),
     )
 
-
-InitFn = Callable[[jax.Array], PyTree]

@@ -17,11 +17,10 @@ import jax.numpy as jnp
 import optax
 
 from cdd_jax.distill.ema import ema_decay, ema_update
+from cdd_jax.train.job import LossFn
 from cdd_jax.train.state import TrainState, merge, split_trainable
 
 PyTree = Any
-# loss_fn(params, target_params, teacher_params, batch, rng) -> (loss, metrics)
-LossFn = Callable[[PyTree, PyTree, PyTree, dict, jax.Array], tuple[jax.Array, dict]]
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
@@ -49,11 +48,12 @@ def make_train_step(
 ) -> Callable[[TrainState, dict, jax.Array, PyTree], tuple[TrainState, dict]]:
     """Builds the step. `ema` / `target_ema` are config sections with `decay` and `warmup`."""
 
-    def train_step(state: TrainState, batch: dict, rng: jax.Array, teacher_params: PyTree = None):
+    def train_step(state: TrainState, batch: dict, rng: jax.Array,
+                   finetuned_params: PyTree = None):
         trainable, frozen = split_trainable(state.params, labels)
 
         def objective(tr):
-            return loss_fn(merge(tr, frozen), state.target_params, teacher_params, batch, rng)
+            return loss_fn(merge(tr, frozen), state.target_params, finetuned_params, batch, rng)
 
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
         grads = merge(grads, jax.tree.map(jnp.zeros_like, frozen))

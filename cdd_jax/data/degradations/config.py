@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import ml_collections
 
+from cdd_jax import config_checks as checks
+
 PRESETS = ("realesrgan", "stablesr", "bicubic")
 CHAINS = ("second_order", "downsample")
 KERNEL_TYPES = (
@@ -198,11 +200,6 @@ def _range(cfg, name: str) -> tuple[float, float]:
     return lo, hi
 
 
-def _choice(cfg, name: str, allowed: Sequence[str]) -> None:
-    if cfg[name] not in allowed:
-        raise ValueError(f"degradation.{name}={cfg[name]!r} is unknown; expected one of {allowed}")
-
-
 def _distribution(cfg, name: str, size: int) -> None:
     probs = cfg[name]
     if len(probs) != size:
@@ -217,18 +214,10 @@ def validate_degradation_config(cfg: ml_collections.ConfigDict, crop_size: int) 
     Called where the config is read, before any grain worker starts, so a bad value fails once
     and clearly instead of inside a worker process.
     """
-    expected = set(degradation_config("realesrgan").keys())
-    keys = set(cfg.keys())
-    if keys != expected:
-        raise ValueError(
-            f"degradation config keys differ from the schema: unknown {sorted(keys - expected)}, "
-            f"missing {sorted(expected - keys)}"
-        )
-    _choice(cfg, "preset", PRESETS)
-    _choice(cfg, "chain", CHAINS)
-    _choice(cfg, "jpeg_impl", JPEG_IMPLS)
-    _choice(cfg, "poisson_vals", POISSON_VALS)
-    _choice(cfg, "lq_down", LQ_DOWN_MODES)
+    checks.check_keys(cfg, degradation_config("realesrgan"), "degradation.")
+    for name, valid in (("preset", PRESETS), ("chain", CHAINS), ("jpeg_impl", JPEG_IMPLS),
+                        ("poisson_vals", POISSON_VALS), ("lq_down", LQ_DOWN_MODES)):
+        checks.choice(cfg, name, valid, prefix="degradation.")
     if not cfg.resize_modes or any(m not in RESIZE_MODES for m in cfg.resize_modes):
         raise ValueError(
             f"degradation.resize_modes={cfg.resize_modes!r}: each must be one of {RESIZE_MODES}"
@@ -241,8 +230,7 @@ def validate_degradation_config(cfg: ml_collections.ConfigDict, crop_size: int) 
     _distribution(cfg, "resize_prob", 3)
     _distribution(cfg, "resize_prob2", 3)
     for name in _PROBS:
-        if not 0.0 <= cfg[name] <= 1.0:
-            raise ValueError(f"degradation.{name}={cfg[name]!r} is not a probability in [0, 1]")
+        checks.number(cfg, name, 0, 1, prefix="degradation.")
     ranges = {name: _range(cfg, name) for name in _RANGES}
 
     k_lo, k_hi = ranges["kernel_size_range"]
@@ -273,16 +261,14 @@ def validate_degradation_config(cfg: ml_collections.ConfigDict, crop_size: int) 
     if cfg.usm_radius < 1:
         raise ValueError(f"degradation.usm_radius={cfg.usm_radius!r} must be >= 1")
 
+    checks.number(cfg, "scale", 1, integer=True, prefix="degradation.")
+    checks.number(cfg, "degrade_size", 0, integer=True, prefix="degradation.")
     scale = cfg.scale
-    if not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"degradation.scale={scale!r} must be a positive integer")
     if not isinstance(crop_size, int) or crop_size < 1:
         raise ValueError(f"crop_size={crop_size!r} must be a positive integer")
     if crop_size % scale:
         raise ValueError(f"crop_size={crop_size} is not divisible by degradation.scale={scale}")
     size = cfg.degrade_size
-    if not isinstance(size, int) or size < 0:
-        raise ValueError(f"degradation.degrade_size={size!r} must be an integer >= 0")
     if size:
         if size % scale:
             raise ValueError(

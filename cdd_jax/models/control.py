@@ -1,4 +1,5 @@
-"""The conditional network: the pretrained U-Net plus a duplicated, gated conditional encoder.
+"""The conditional network: the pretrained U-Net plus the control encoder, a duplicated and gated
+copy of its encoder.
 
 Paper eq. 10: h'_l = h_l(z_t) + mu_l * h^c_l(z_t, c), with mu_l = 0 at initialisation, so the
 conditional network computes exactly the unconditional teacher until the gates open.
@@ -20,15 +21,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cdd_jax import config_checks as checks
 from cdd_jax.diffusion import get_schedule
 from cdd_jax.models.layers import Conv, TimeEmbedding
-from cdd_jax.models.unet import Encoder, Middle, UNet, unet_kwargs
+from cdd_jax.models.unet import Encoder, Middle, UNet
 
 Dtype = Any
 
 
-def adapter_config() -> ml_collections.ConfigDict:
-    """Conditional-adapter hyperparameters."""
+def control_config() -> ml_collections.ConfigDict:
+    """The `control` section: the duplicated, gated encoder and its condition embedder."""
     c = ml_collections.ConfigDict()
     c.gate = "conv1x1"  # "scalar": one mu per level (paper eq. 10); "conv1x1": ControlNet-style.
     c.cond_embed_ch = (16, 32)  # Widths of the condition embedder's hidden convs.
@@ -50,6 +52,21 @@ def adapter_config() -> ml_collections.ConfigDict:
     return c
 
 
+GATES = ("scalar", "conv1x1")
+
+
+def validate_control_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError/TypeError naming the first bad `control` field."""
+    checks.check_keys(cfg, control_config(), "control.")
+    checks.choice(cfg, "gate", GATES, prefix="control.")
+    checks.positive_ints(cfg, "cond_embed_ch", prefix="control.")
+    checks.number(cfg, "cond_channels", 1, integer=True, prefix="control.")
+    for key in ("input_gate", "cond_embed_zero_init"):
+        checks.boolean(cfg, key, prefix="control.")
+    checks.number(cfg, "anchor_precision", 0, prefix="control.")
+    checks.number(cfg, "anchor_factor", 1, integer=True, prefix="control.")
+
+
 def lowpass(x: jax.Array, factor: int) -> jax.Array:
     """Area-downsamples NHWC images by `factor`, then upsamples them back (bicubic)."""
     b, h, w, c = x.shape
@@ -60,9 +77,9 @@ def lowpass(x: jax.Array, factor: int) -> jax.Array:
 
 
 def anchor_low_frequencies(v_hat, z_t, t, cond, *, schedule, precision: float, factor: int):
-    """The low-frequency anchor on a v-prediction (see `adapter_config`); returns v_hat'.
+    """The low-frequency anchor on a v-prediction (see `control_config`); returns v_hat'.
 
-    With x_hat = alpha z - sigma v and x_hat' as in `adapter_config`, the v that gives x_hat'
+    With x_hat = alpha z - sigma v and x_hat' as in `control_config`, the v that gives x_hat'
     from the same z_t is v' = v - (x_hat' - x_hat) / sigma = v - gamma (lp(c) - lp(x_hat)) / sigma,
     where gamma / sigma = p sigma / (p sigma^2 + alpha^2) stays bounded as sigma -> 0.
     """
@@ -120,7 +137,8 @@ class ControlEncoder(nn.Module):
         c_emb = CondEmbedder(u.ch, self.cond_embed_ch, self.cond_embed_zero_init, u.dtype,
                              name="cond_embed")(cond)
         emb = TimeEmbedding(u.ch, u.dtype, name="time_embed")(t)
-        skips = Encoder(**u.encoder_kwargs(), name="encoder")(z_t.astype(u.dtype), emb, train, c_emb)
+        skips = Encoder(**u.encoder_kwargs(), name="encoder")(z_t.astype(u.dtype), emb, train,
+                                                             c_emb)
         mid = Middle(**u.middle_kwargs(), name="middle")(skips[-1], emb, train)
         skip_res = [self._gate(h, f"gate_skip_{i}") for i, h in enumerate(skips)]
         mid_res = self._gate(mid, "gate_middle")
@@ -143,24 +161,17 @@ class ConditionalUNet(nn.Module):
     schedule: str = "cosine"  # Noise schedule name; only read by the low-frequency anchor.
 
     @classmethod
-    def from_config(cls, model_cfg, adapter_cfg, schedule: str = "cosine") -> ConditionalUNet:
+    def from_config(cls, model_cfg, control_cfg, schedule: str = "cosine") -> ConditionalUNet:
         """`schedule`: the diffusion schedule's name (config.diffusion.schedule)."""
-        if adapter_cfg.gate not in ("scalar", "conv1x1"):
-            raise ValueError(f"adapter.gate must be 'scalar' or 'conv1x1', got {adapter_cfg.gate!r}")
-        precision = float(adapter_cfg.get("anchor_precision", 0.0))
-        factor = adapter_cfg.get("anchor_factor", 4)
-        if precision < 0 or precision != precision:
-            raise ValueError(f"adapter.anchor_precision must be >= 0, got {precision!r}")
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"adapter.anchor_factor must be a positive int, got {factor!r}")
+        validate_control_config(control_cfg)
         return cls(
-            unet=UNet(**unet_kwargs(model_cfg)),
-            gate=adapter_cfg.gate,
-            cond_embed_ch=tuple(adapter_cfg.cond_embed_ch),
-            input_gate=bool(adapter_cfg.input_gate),
-            cond_embed_zero_init=bool(adapter_cfg.cond_embed_zero_init),
-            anchor_precision=precision,
-            anchor_factor=factor,
+            unet=UNet.from_config(model_cfg),
+            gate=control_cfg.gate,
+            cond_embed_ch=tuple(control_cfg.cond_embed_ch),
+            input_gate=bool(control_cfg.input_gate),
+            cond_embed_zero_init=bool(control_cfg.cond_embed_zero_init),
+            anchor_precision=float(control_cfg.anchor_precision),
+            anchor_factor=int(control_cfg.anchor_factor),
             schedule=str(schedule),
         )
 
@@ -178,7 +189,8 @@ class ConditionalUNet(nn.Module):
         v_hat = self.unet(z_t, t, train, skip_residuals=skip_res, middle_residual=mid_res,
                           input_residual=input_res)
         if self.anchor_precision > 0:
-            v_hat = anchor_low_frequencies(v_hat, z_t, t, cond, schedule=get_schedule(self.schedule),
+            v_hat = anchor_low_frequencies(v_hat, z_t, t, cond,
+                                           schedule=get_schedule(self.schedule),
                                            precision=self.anchor_precision,
                                            factor=self.anchor_factor)
         return v_hat

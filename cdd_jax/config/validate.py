@@ -1,0 +1,81 @@
+"""Validation of a whole job config before anything loads or compiles: unknown keys against the
+stage's preset (with close matches), then each section's own validator, then the checks that
+span sections (mesh against devices and batch, crop size against the U-Net's depth, ...)."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import ml_collections
+
+from cdd_jax import config_checks as checks
+from cdd_jax.config.presets import STAGES, preset
+from cdd_jax.data.config import validate_data_config
+from cdd_jax.data.degradations import validate_degradation_config
+from cdd_jax.distill.config import (
+    validate_diffusion_config,
+    validate_distill_config,
+    validate_ema_config,
+)
+from cdd_jax.evaluate.sr import validate_evaluate_config
+from cdd_jax.evaluate.table1 import validate_table1_config
+from cdd_jax.models.control import validate_control_config
+from cdd_jax.models.unet import validate_model_config
+from cdd_jax.parallel.config import validate_mesh_config
+from cdd_jax.parallel.mesh import check_mesh_config
+from cdd_jax.stages.teacher import validate_teacher_config
+from cdd_jax.train.config import validate_optim_config, validate_train_config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError/TypeError naming the first bad or unknown key of a job config."""
+    checks.choice(config, "stage", STAGES)
+    checks.check_keys(config, preset(config.stage), missing=False)
+    checks.number(config, "seed", 0, 2**32, hi_open=True, integer=True)
+    validate_model_config(config.model)
+    validate_diffusion_config(config.diffusion)
+    validate_data_config(config.data)
+    validate_optim_config(config.optim)
+    validate_ema_config(config.ema, "ema.")
+    validate_train_config(config.train)
+    validate_mesh_config(config.mesh)
+    # The mesh and the batch against the devices present: builds no mesh, compiles nothing.
+    check_mesh_config(config.mesh, config.data.batch_size, process_count=jax.process_count())
+    _check_model_fits_crops(config)
+    if config.stage in ("sr", "table1"):
+        _validate_distillation(config)
+
+
+def _check_model_fits_crops(config: ml_collections.ConfigDict) -> None:
+    depth = 2 ** (len(config.model.ch_mult) - 1)
+    if config.data.crop_size % depth:
+        raise ValueError(f"data.crop_size {config.data.crop_size} must be divisible by {depth} "
+                         f"for model.ch_mult={tuple(config.model.ch_mult)}")
+    sizes = [config.data.crop_size // 2**i for i in range(len(config.model.ch_mult))]
+    unused = [r for r in config.model.attn_resolutions if r not in sizes]
+    if unused:
+        logging.warning("model.attn_resolutions %s never occur at data.crop_size %d (feature "
+                        "map sizes %s): no attention there", unused, config.data.crop_size, sizes)
+
+
+def _validate_distillation(config: ml_collections.ConfigDict) -> None:
+    validate_control_config(config.control)
+    validate_degradation_config(config.degradation, config.data.crop_size)
+    validate_distill_config(config.distill)
+    validate_evaluate_config(config.evaluate)
+    validate_teacher_config(config.teacher)
+    if config.stage == "table1":
+        validate_table1_config(config)
+    ctl = config.control
+    if ctl.anchor_precision > 0 and (config.data.crop_size % ctl.anchor_factor
+                                     or ctl.anchor_factor != config.degradation.scale):
+        raise ValueError(
+            f"control.anchor_factor {ctl.anchor_factor} must equal degradation.scale "
+            f"{config.degradation.scale} and divide data.crop_size {config.data.crop_size} "
+            "when the low-frequency anchor is on")
+    validate_config(config.teacher.pretrain)
+    if not config.teacher.checkpoint and (config.teacher.pretrain.data.crop_size
+                                          != config.data.crop_size):
+        logging.warning("teacher pretrains at %d px, distillation runs at %d px",
+                        config.teacher.pretrain.data.crop_size, config.data.crop_size)

@@ -1,0 +1,40 @@
+"""The networks as `apply_fn(params, z_t, t, cond, rng) -> v_hat`, the one signature every
+objective and sampler in `cdd_jax.distill` calls.
+
+`rng` None means evaluation (no dropout); an rng turns on training mode with dropout drawn from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from cdd_jax.models.control import ConditionalUNet
+from cdd_jax.models.unet import UNet
+
+ApplyFn = Callable[[Any, jax.Array, jax.Array, Any, Any], jax.Array]
+
+
+def _mode(rng) -> dict:
+    return dict(train=rng is not None, rngs={"dropout": rng} if rng is not None else {})
+
+
+def unet_apply_fn(model: UNet) -> ApplyFn:
+    """The unconditional U-Net; `cond` is ignored."""
+
+    def apply_fn(params, z, t, cond, rng):
+        del cond
+        return model.apply({"params": params}, z, t, **_mode(rng))
+
+    return apply_fn
+
+
+def conditional_apply_fn(model: ConditionalUNet) -> ApplyFn:
+    """The conditional network (U-Net + control encoder); `cond` is the condition image."""
+
+    def apply_fn(params, z, t, cond, rng):
+        return model.apply({"params": params}, z, t, cond, **_mode(rng))
+
+    return apply_fn

@@ -1,0 +1,112 @@
+"""Stage 2: the conditional network (teacher U-Net + control encoder) trained with
+`distill.objective` on degraded/clean pairs made on the fly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cdd_jax.data.degradations import SRPairTransform
+from cdd_jax.data.pipeline import build_train_dataset
+from cdd_jax.diffusion import Schedule, get_schedule
+from cdd_jax.distill.objectives import compute_loss, objective_spec
+from cdd_jax.distill.sampling import few_step_sample
+from cdd_jax.models.apply import ApplyFn, conditional_apply_fn
+from cdd_jax.models.control import ConditionalUNet, check_same_structure, init_from_teacher
+from cdd_jax.parallel.distributed import to_host
+from cdd_jax.parallel.sharding import unbox
+from cdd_jax.train.job import Job
+from cdd_jax.train.loop import train
+
+PyTree = Any
+
+
+def conditional_model(config: ml_collections.ConfigDict) -> tuple[ConditionalUNet, ApplyFn]:
+    """The conditional network of `config` and its apply_fn."""
+    model = ConditionalUNet.from_config(config.model, config.control, config.diffusion.schedule)
+    return model, conditional_apply_fn(model)
+
+
+def _heldout_psnr(config, apply_fn: ApplyFn, schedule: Schedule, eval_set: dict):
+    """A jitted fn(params) -> PSNR of the student at K = 1 and K = 4 on the first evaluation
+    batch (a cheap progress probe logged during training)."""
+    probe = {k: jnp.asarray(v[: config.evaluate.batch_size]) for k, v in eval_set.items()}
+
+    @jax.jit
+    def student_psnr(params):
+        out = {}
+        for k, renoise in [(1, "ddim")] + [(4, r) for r in config.evaluate.renoise]:
+            x = few_step_sample(apply_fn, params, probe["cond"], jax.random.key(7),
+                                schedule=schedule, num_steps=k, grid=config.evaluate.grid,
+                                renoise=renoise)
+            mse = jnp.mean((jnp.clip(x, -1, 1) - probe["image"]) ** 2, axis=(1, 2, 3)) / 4.0
+            name = f"heldout_psnr_K{k}" + ("" if renoise == "ddim" else f"_{renoise}")
+            out[name] = jnp.mean(-10 * jnp.log10(mse))
+        return out
+
+    return student_psnr
+
+
+def distill_job(config: ml_collections.ConfigDict, teacher_params: PyTree, eval_set: dict, *,
+                finetuned_params: PyTree = None, initial_params: PyTree = None
+                ) -> tuple[Job, ApplyFn, Schedule]:
+    """The distillation Job (objective `config.distill.objective`), its apply_fn and schedule.
+
+    The student starts from `initial_params` (conditional params, e.g. the fine-tuned model for
+    CM / GD) if given, else from the conditional network built from the unconditional teacher
+    (copied backbone and encoder, zero gates); `teacher_params` may then be None.
+    `finetuned_params`: the frozen fine-tuned model that CM / GD distil.
+    """
+    dcfg = config.distill
+    spec = objective_spec(dcfg.objective)
+    model, apply_fn = conditional_model(config)
+    schedule = get_schedule(config.diffusion.schedule)
+    size = config.data.crop_size
+    cond0 = jnp.zeros((1, size, size, 3))
+
+    def init_fn(rng):
+        return model.init({"params": rng}, cond0, jnp.zeros((1,)), cond0)["params"]
+
+    fresh = unbox(jax.jit(init_fn)(jax.random.key(config.seed)))
+    if initial_params is not None:
+        check_same_structure(initial_params, fresh, "initial_params", "config.model/control")
+        initial = initial_params
+    else:
+        check_same_structure(teacher_params, fresh["unet"], "teacher checkpoint", "config.model")
+        initial = init_from_teacher(fresh, teacher_params)
+    if spec.uses_finetuned and finetuned_params is None:
+        raise ValueError(f"objective {dcfg.objective!r} needs a fine-tuned conditional model")
+
+    def loss_fn(params, target_params, finetuned, batch, rng):
+        return compute_loss(apply_fn, params, batch, rng, schedule=schedule, cfg=dcfg,
+                            target_params=target_params, finetuned_params=finetuned)
+
+    student_psnr = _heldout_psnr(config, apply_fn, schedule, eval_set)
+    sr = SRPairTransform(config.degradation, size)
+    job = Job(
+        name=dcfg.objective,
+        init_params=init_fn,
+        loss_fn=loss_fn,
+        ema=dcfg.eval_ema,
+        target_ema=dcfg.target_ema if spec.uses_target else None,
+        freeze_backbone=spec.freeze_backbone,
+        initial_params=initial,
+        finetuned_params=finetuned_params,
+        eval_fn=lambda s: {k: float(v) for k, v in student_psnr(s.ema_params).items()},
+        make_dataset=lambda pi, pc: build_train_dataset(config.data, task="sr", sr_transform=sr,
+                                                        process_index=pi, process_count=pc),
+    )
+    return job, apply_fn, schedule
+
+
+def distill(config: ml_collections.ConfigDict, workdir: str, teacher_params: PyTree,
+            eval_set: dict, *, finetuned_params: PyTree = None, initial_params: PyTree = None):
+    """Stage 2: trains the conditional network; returns (EMA params, apply_fn, schedule)."""
+    job, apply_fn, schedule = distill_job(config, teacher_params, eval_set,
+                                          finetuned_params=finetuned_params,
+                                          initial_params=initial_params)
+    state = train(job, config, workdir)
+    return to_host(state.ema_params), apply_fn, schedule  # collective under multi-host FSDP

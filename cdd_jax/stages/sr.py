@@ -1,0 +1,28 @@
+"""The "sr" job: teacher -> conditional distillation in <workdir>/distill -> evaluation in
+<workdir>/eval (results.json, results.md, grid.png)."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from cdd_jax.data.degradations import SRPairTransform
+from cdd_jax.data.pipeline import make_eval_set
+from cdd_jax.evaluate.sr import evaluate_sr
+from cdd_jax.stages.distill import distill
+from cdd_jax.stages.teacher import load_teacher
+
+
+def make_sr_eval_set(config: ml_collections.ConfigDict) -> dict:
+    """The fixed held-out crops with their degraded inputs: {"image", "lq", "cond"}."""
+    return make_eval_set(config.data, task="sr",
+                         sr_transform=SRPairTransform(config.degradation, config.data.crop_size))
+
+
+def run_sr(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    teacher = load_teacher(config, workdir)
+    eval_set = make_sr_eval_set(config)
+    params, apply_fn, schedule = distill(config, os.path.join(workdir, "distill"), teacher,
+                                         eval_set)
+    return evaluate_sr(config, workdir, apply_fn, params, schedule, eval_set)

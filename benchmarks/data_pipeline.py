@@ -6,7 +6,7 @@
    worker processes). Steady-state batches/s: arrival times of `--batches` batches, skipping the
    first `--skip` (which the prefetch buffer may already hold). The settings alternate over
    `--rounds` rounds (fresh iterator each time), so load changes affect both alike.
-2. A short real distillation run: `cdd_jax.train.run.distill` of the default SR config for
+2. A short real distillation run: `cdd_jax.stages.distill.distill` of the default SR config for
    `--run_steps` steps with a freshly initialised teacher of the default architecture (the CoDi
    step, the grain iterator and the loop exactly as in a real job), then the `data_wait_fraction`
    scalars that the loop logs to TensorBoard (time blocked in `next(iterator)` + device_put /
@@ -86,17 +86,17 @@ def read_scalars(workdir: str, tag: str) -> list[tuple[int, float]]:
 
 
 def training_run(steps: int, log_every: int, num_workers: int, workdir: str) -> dict:
-    """`run.distill` of the default SR config with a random default teacher; logged scalars."""
+    """`stages.distill.distill` of the default SR config with a random default teacher; logged
+    scalars."""
     import jax
 
-    from cdd_jax.data.degradations import SRPairTransform
-    from cdd_jax.data.pipeline import make_eval_set
+    from cdd_jax.config.presets import sr_config
     from cdd_jax.models.unet import UNet, init_params
     from cdd_jax.parallel.sharding import unbox
-    from cdd_jax.train import presets
-    from cdd_jax.train.run import distill
+    from cdd_jax.stages.distill import distill
+    from cdd_jax.stages.sr import make_sr_eval_set
 
-    config = presets.sr_config("default")
+    config = sr_config("default")
     config.train.num_steps = steps
     config.train.log_every = log_every
     config.train.eval_every = 0  # held-out PSNR only at the start and the end
@@ -107,9 +107,7 @@ def training_run(steps: int, log_every: int, num_workers: int, workdir: str) -> 
     teacher = unbox(
         jax.jit(lambda r: init_params(UNet.from_config(config.model), r, size))(jax.random.key(0))
     )
-    eval_set = make_eval_set(
-        config.data, task="sr", sr_transform=SRPairTransform(config.degradation, size)
-    )
+    eval_set = make_sr_eval_set(config)
     t0 = time.perf_counter()
     distill(config, workdir, teacher, eval_set)
     wall = time.perf_counter() - t0
@@ -137,29 +135,8 @@ def training_run(steps: int, log_every: int, num_workers: int, workdir: str) -> 
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batches", type=int, default=40, help="Batches timed per measurement.")
-    p.add_argument("--skip", type=int, default=10, help="Leading batches left out of the rate.")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--workers", default="0,2", help="num_workers settings to compare.")
-    p.add_argument("--run_steps", type=int, default=60, help="Steps of the real run (0: skip).")
-    p.add_argument("--run_log_every", type=int, default=20)
-    p.add_argument("--run_workers", default="0", help="num_workers of the real run(s).")
-    p.add_argument("--out_dir", default=common.RESULTS_DIR)
-    args = p.parse_args()
-    if not 0 <= args.skip <= args.batches - 2:
-        p.error(f"--skip ({args.skip}) must leave at least two timed batches of --batches "
-                f"({args.batches}): 0 <= skip <= batches - 2")
-
-    from cdd_jax.parallel.mesh import configure_cpu_devices
-    from cdd_jax.train import presets
-
-    config = presets.sr_config("default")
-    # The real run below splits the CPU into devices as `train_and_evaluate` would.
-    configure_cpu_devices(config.mesh.num_cpu_devices, config.data.batch_size)
-    machine = common.machine_info()
-    print(f"machine: {machine['cpu']}, {machine['cores']} cores; {machine['uptime']}")
+def measure_throughput(config, args) -> tuple[dict, list]:
+    """Steady-state rates of each --workers setting over alternating rounds; the load per round."""
     settings = [int(w) for w in args.workers.split(",") if w != ""]
     rates: dict[int, list[dict]] = {w: [] for w in settings}
     loads = []
@@ -176,15 +153,13 @@ def main() -> None:
             "pairs_per_s_median": statistics.median(bps) * config.data.batch_size,
             "rounds": rs,
         }
-    load_mid = common.machine_info()
+    return throughput, loads
 
-    runs = []
-    for w in [int(x) for x in args.run_workers.split(",") if x != ""] if args.run_steps else []:
-        with tempfile.TemporaryDirectory(prefix="cdd_data_run_") as workdir:
-            runs.append(training_run(args.run_steps, args.run_log_every, w, workdir))
-        print(f"  training run num_workers={w}: wait {runs[-1]['data_wait_fraction']}")
-    machine_end = common.machine_info()
 
+def markdown(config, args, machines: tuple[dict, dict, dict], throughput: dict,
+             runs: list[dict]) -> list[str]:
+    """The results page, line by line; `machines`: machine info at start, middle and end."""
+    machine, load_mid, machine_end = machines
     rows = [
         [w, t["batches_per_s_median"], t["pairs_per_s_median"], 1e3 / t["batches_per_s_median"]]
         for w, t in throughput.items()
@@ -230,6 +205,43 @@ def main() -> None:
             f"{100 * runs[0]['data_wait_fraction_mean']:.2f}% "
             f"({'met' if runs[0]['data_wait_fraction_mean'] < 0.05 else 'MISSED'}).",
         ]
+    return md
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, default=40, help="Batches timed per measurement.")
+    p.add_argument("--skip", type=int, default=10, help="Leading batches left out of the rate.")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--workers", default="0,2", help="num_workers settings to compare.")
+    p.add_argument("--run_steps", type=int, default=60, help="Steps of the real run (0: skip).")
+    p.add_argument("--run_log_every", type=int, default=20)
+    p.add_argument("--run_workers", default="0", help="num_workers of the real run(s).")
+    p.add_argument("--out_dir", default=common.RESULTS_DIR)
+    args = p.parse_args()
+    if not 0 <= args.skip <= args.batches - 2:
+        p.error(f"--skip ({args.skip}) must leave at least two timed batches of --batches "
+                f"({args.batches}): 0 <= skip <= batches - 2")
+
+    from cdd_jax.config.presets import sr_config
+    from cdd_jax.parallel.mesh import configure_cpu_devices
+
+    config = sr_config("default")
+    # The real run below splits the CPU into devices as `train_and_evaluate` would.
+    configure_cpu_devices(config.mesh.num_cpu_devices, config.data.batch_size)
+    machine = common.machine_info()
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores; {machine['uptime']}")
+    throughput, loads = measure_throughput(config, args)
+    load_mid = common.machine_info()
+
+    runs = []
+    for w in [int(x) for x in args.run_workers.split(",") if x != ""] if args.run_steps else []:
+        with tempfile.TemporaryDirectory(prefix="cdd_data_run_") as workdir:
+            runs.append(training_run(args.run_steps, args.run_log_every, w, workdir))
+        print(f"  training run num_workers={w}: wait {runs[-1]['data_wait_fraction']}")
+    machine_end = common.machine_info()
+
+    md = markdown(config, args, (machine, load_mid, machine_end), throughput, runs)
     payload = {
         "benchmark": "data_pipeline",
         "machine": machine,

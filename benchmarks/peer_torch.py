@@ -20,8 +20,8 @@ Shape mapping from a cdd_jax `model` config (crop size S, levels i = 0..L-1 at S
     uses (ResBlock-attention-ResBlock). The condition embedder is set to cdd_jax's (3x3 convs
     3->16->32 at full resolution, zero-init 3x3 conv out; diffusers' default downsamples 8x for
     latents), and a zero-init 3x3 "input gate" conv adds the embedded condition to the backbone's
-    conv_in output, as cdd_jax's adapter does (adapter.input_gate). The unused cross-attention
-    input is a (B, 1, 8) tensor of zeros that no layer reads.
+    conv_in output, as cdd_jax's control encoder does (control.input_gate). The unused
+    cross-attention input is a (B, 1, 8) tensor of zeros that no layer reads.
 Training steps (the same work as cdd_jax.train.step): loss, backward, global-norm clipping at 1,
 AdamW (foreach), evaluation EMA and, for CoDi, target EMA updates with torch._foreach_lerp_.
 The CoDi step runs the online network with gradients and the target network under no_grad.
@@ -38,7 +38,8 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import VARIANTS, Bench, make_config, real_batch, time_calls  # noqa: E402
+from benchmarks.common import Bench, time_calls  # noqa: E402
+from benchmarks.contenders import VARIANTS, make_config, real_batch  # noqa: E402
 
 
 def _levels(model_cfg, size: int) -> list[tuple[int, int, bool]]:
@@ -97,7 +98,7 @@ def _mid_block(channels: int, model_cfg):
 class ControlledUNet:
     """Backbone + ControlNet + input gate: `forward(z, t, cond) -> v_hat` (NCHW)."""
 
-    def __init__(self, model_cfg, adapter_cfg, size: int, device=None):
+    def __init__(self, model_cfg, control_cfg, size: int, device=None):
         import torch
         from diffusers import ControlNetModel, UNet2DConditionModel
         from torch import nn
@@ -127,7 +128,7 @@ class ControlledUNet:
         self.unet.mid_block = _mid_block(c_mid, model_cfg)
         self.control.mid_block = _mid_block(c_mid, model_cfg)
         # cdd_jax's condition embedder: 3 -> hidden... at full resolution (no 2x downsampling).
-        hidden = tuple(int(h) for h in adapter_cfg.cond_embed_ch)
+        hidden = tuple(int(h) for h in control_cfg.cond_embed_ch)
         emb = self.control.controlnet_cond_embedding
         emb.conv_in = nn.Conv2d(3, hidden[0], 3, padding=1)
         emb.blocks = nn.ModuleList(
@@ -137,7 +138,7 @@ class ControlledUNet:
         nn.init.zeros_(emb.conv_out.weight)
         nn.init.zeros_(emb.conv_out.bias)
         self.input_gate = None
-        if adapter_cfg.input_gate:
+        if control_cfg.input_gate:
             self.input_gate = nn.Conv2d(model_cfg.ch, model_cfg.ch, 3, padding=1)
             nn.init.zeros_(self.input_gate.weight)
             nn.init.zeros_(self.input_gate.bias)
@@ -194,62 +195,13 @@ class PeerTrainStep(Bench):
         batch_size: int | None = None,
         crop_size: int | None = None,
     ):
-        import contextlib
-
-        import numpy as np
         import torch
 
-        if threads:
-            torch.set_num_threads(threads)
-        torch.manual_seed(0)
         self.kind = kind
-        # On a GPU: CUDA, with TF32 allowed for f32 matmuls as XLA's default precision allows it
-        # (PyTorch allows it for cuDNN convolutions already); bf16 through autocast, as cdd_jax's
-        # model.dtype = "bfloat16" computes in bf16 with float32 parameters.
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
-        if dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-        self._autocast = (
-            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
-            if dtype == "bfloat16"
-            else contextlib.nullcontext
-        )
+        self._use_device(threads, dtype)
         config = make_config(kind, variant, batch_size, crop_size)
         size = config.data.crop_size
-        batch = real_batch(config, kind)
-        self.x = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
-        self.x = self.x.to(self.device)
-        self.n = self.x.shape[0]
-        if kind == "pretrain":
-            self.net = build_unet2d(config.model, size).to(self.device)
-            params = list(self.net.parameters())
-            self.forward = lambda z, t: self.net(z, t, return_dict=False)[0]
-            groups = [{"params": params, "lr": config.optim.lr}]
-            self.ema_decay = config.ema.decay
-        else:
-            self.cond = torch.from_numpy(np.ascontiguousarray(batch["cond"].transpose(0, 3, 1, 2)))
-            self.cond = self.cond.to(self.device)
-            self.net = ControlledUNet(config.model, config.adapter, size, self.device)
-            # A second instance (its hooks close over itself), holding a copy of the weights.
-            self.target = ControlledUNet(config.model, config.adapter, size, self.device)
-            self.target.modules.load_state_dict(self.net.modules.state_dict())
-            for p in self.target.parameters():
-                p.requires_grad_(False)
-            self.grid_n = int(config.distill.num_grid_steps)
-            backbone = list(self.net.unet.parameters())
-            new = [p for m in self.net.modules[1:] for p in m.parameters()]
-            params = backbone + new
-            groups = [
-                {"params": backbone, "lr": config.optim.lr},
-                {"params": new, "lr": config.optim.new_lr},
-            ]
-            self.ema_decay = config.distill.eval_ema.decay
-            self.target_decay = config.distill.target_ema.decay
-            self.target_params = list(self.target.parameters())
+        params, groups = self._build_nets(config, real_batch(config, kind))
         self.params = params
         self.ema = [p.detach().clone() for p in params]
         o = config.optim
@@ -276,6 +228,69 @@ class PeerTrainStep(Bench):
             "crop_size": size,
             "layer_flops_per_step": self.count_flops(),
         }
+
+    def _use_device(self, threads: int, dtype: str) -> None:
+        """Threads, seed, device and the autocast context of `dtype`."""
+        import contextlib
+
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        # On a GPU: CUDA, with TF32 allowed for f32 matmuls as XLA's default precision allows it
+        # (PyTorch allows it for cuDNN convolutions already); bf16 through autocast, as cdd_jax's
+        # model.dtype = "bfloat16" computes in bf16 with float32 parameters.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        if dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+        self._autocast = (
+            (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16))
+            if dtype == "bfloat16"
+            else contextlib.nullcontext
+        )
+
+    def _build_nets(self, config, batch: dict) -> tuple[list, list[dict]]:
+        """The batch on the device, the network(s) of `self.kind`, their trained parameters and
+        optimiser groups."""
+        import numpy as np
+        import torch
+
+        size = config.data.crop_size
+        self.x = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
+        self.x = self.x.to(self.device)
+        self.n = self.x.shape[0]
+        if self.kind == "pretrain":
+            self.net = build_unet2d(config.model, size).to(self.device)
+            params = list(self.net.parameters())
+            self.forward = lambda z, t: self.net(z, t, return_dict=False)[0]
+            groups = [{"params": params, "lr": config.optim.lr}]
+            self.ema_decay = config.ema.decay
+        else:
+            self.cond = torch.from_numpy(np.ascontiguousarray(batch["cond"].transpose(0, 3, 1, 2)))
+            self.cond = self.cond.to(self.device)
+            self.net = ControlledUNet(config.model, config.control, size, self.device)
+            # A second instance (its hooks close over itself), holding a copy of the weights.
+            self.target = ControlledUNet(config.model, config.control, size, self.device)
+            self.target.modules.load_state_dict(self.net.modules.state_dict())
+            for p in self.target.parameters():
+                p.requires_grad_(False)
+            self.grid_n = int(config.distill.num_grid_steps)
+            backbone = list(self.net.unet.parameters())
+            new = [p for m in self.net.modules[1:] for p in m.parameters()]
+            params = backbone + new
+            groups = [
+                {"params": backbone, "lr": config.optim.lr},
+                {"params": new, "lr": config.optim.new_lr},
+            ]
+            self.ema_decay = config.distill.eval_ema.decay
+            self.target_decay = config.distill.target_ema.decay
+            self.target_params = list(self.target.parameters())
+        return params, groups
 
     # ---- the steps --------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Where the time of a cdd_jax train step goes: per-op categories from a jax.profiler trace.
 
-Builds the step exactly as `train_step.py` does (`common.build_train_step`), runs warm-up steps,
+Builds the step exactly as `train_step.py` does (`contenders.build_contender`), runs warm-up steps,
 then traces `--steps` steps with `jax.profiler` (a Perfetto JSON trace, no extra package needed)
 and sums the duration of every XLA:CPU thunk per step, grouped by its HLO name with the numeric
 suffix removed (`ynn_fusion.319` -> `ynn_fusion`). Durations are summed over threads, so they are
@@ -27,7 +27,7 @@ import tempfile
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, contenders  # noqa: E402
 
 # Host-side trace events (Python frames, the executor's own bookkeeping) are not XLA ops.
 _NOT_OPS = re.compile(r"^(\$|ThunkExecutor|PjitFunction|CommonPjRt|PjRt|TfrtCpu|Execute)")
@@ -55,19 +55,18 @@ def per_step_categories(events: list[dict], steps: int) -> dict[str, dict[str, f
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kind", default="codi", choices=("codi", "pretrain"))
-    p.add_argument("--variant", default="default", choices=tuple(common.VARIANTS))
+    p.add_argument("--variant", default="default", choices=contenders.VARIANTS)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--out_dir", default=common.RESULTS_DIR)
     args = p.parse_args(argv)
     from cdd_jax.parallel.mesh import configure_cpu_devices
 
-    config = common.make_config(args.kind, args.variant)
+    config = contenders.make_config(args.kind, args.variant)
     configure_cpu_devices(config.mesh.num_cpu_devices, config.data.batch_size)  # as training does
     import jax
 
-    job = common.pretrain_job(config) if args.kind == "pretrain" else common.codi_job(config)
-    built = common.build_train_step(job, config, common.real_batch(config, args.kind))
+    built = contenders.build_contender(args.kind, config)
     built.timed_steps(3)
     untraced, _ = built.timed_steps(args.steps)
     with tempfile.TemporaryDirectory() as d:

@@ -55,6 +55,36 @@ def paired_summary(diffs, higher_is_better: bool) -> dict:
     }
 
 
+def markdown(args, payload: dict, names: list[str]) -> str:
+    """The results page: one row per (K, renoise), five columns per metric."""
+    rows = payload["rows"]
+    headers = ["K", "renoise"]
+    for m in names:
+        headers += [f"{m}", f"{m} student - bicubic", "per-seed means", "crops won", "beats?"]
+    table = []
+    for row in rows:
+        cells = [row["steps"], row["renoise"]]
+        for m in names:
+            r = row[m]
+            cells += [f"{r['value']:.4f}", f"{r['mean']:+.4f} ± {r['stderr']:.4f}",
+                      " / ".join(f"{v:+.3f}" for v in r["per_seed_means"]),
+                      f"{r['win_fraction']:.0%}", r["beats_bicubic"]]
+        table.append(cells)
+    return "\n".join([
+        "# Student vs bicubic, paired over the same held-out crops",
+        "",
+        f"Run: `{args.workdir}`; {payload['num_images']} held-out crops; {args.seeds} sampling "
+        "seeds per row (the per-crop difference is averaged over seeds; ± is the standard error "
+        "over crops; 'beats?' is yes / no at two standard errors, else tie). Bicubic: "
+        + ", ".join(f"{m} {payload['bicubic'][m]:.4f}" for m in names)
+        + f". Command: `python benchmarks/sr_paired.py --workdir={args.workdir} "
+        f"--seeds={args.seeds}`.",
+        "",
+        common.md_table(headers, table),
+        "",
+    ])
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="A finished configs/sr.py run.")
@@ -116,31 +146,7 @@ def main(argv=None) -> None:
         "rows": rows,
         "num_images": int(image.shape[0]),
     }
-    headers = ["K", "renoise"]
-    for m in names:
-        headers += [f"{m}", f"{m} student - bicubic", "per-seed means", "crops won", "beats?"]
-    table = []
-    for row in rows:
-        cells = [row["steps"], row["renoise"]]
-        for m in names:
-            r = row[m]
-            cells += [f"{r['value']:.4f}", f"{r['mean']:+.4f} ± {r['stderr']:.4f}",
-                      " / ".join(f"{v:+.3f}" for v in r["per_seed_means"]),
-                      f"{r['win_fraction']:.0%}", r["beats_bicubic"]]
-        table.append(cells)
-    md = "\n".join([
-        "# Student vs bicubic, paired over the same held-out crops",
-        "",
-        f"Run: `{args.workdir}`; {image.shape[0]} held-out crops; {args.seeds} sampling seeds per "
-        "row (the per-crop difference is averaged over seeds; ± is the standard error over crops; "
-        "'beats?' is yes / no at two standard errors, else tie). Bicubic: "
-        + ", ".join(f"{m} {payload['bicubic'][m]:.4f}" for m in names)
-        + f". Command: `python benchmarks/sr_paired.py --workdir={args.workdir} "
-        f"--seeds={args.seeds}`.",
-        "",
-        common.md_table(headers, table),
-        "",
-    ])
+    md = markdown(args, payload, names)
     common.write_results("sr_paired", payload, md, args.out_dir)
 
 

@@ -29,9 +29,9 @@ from benchmarks import common  # noqa: E402
 
 def make_pairs(split: str, n: int, seed: int | None) -> dict:
     """n degraded pairs of the default SR job's data config from `split` ("train" / "eval")."""
+    from cdd_jax.config.presets import sr_config
     from cdd_jax.data.degradations import SRPairTransform
     from cdd_jax.data.pipeline import make_eval_set, make_source
-    from cdd_jax.train.presets import sr_config
 
     cfg = sr_config("default")
     return make_eval_set(cfg.data, task="sr", num_crops=n, seed=seed,

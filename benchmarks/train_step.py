@@ -4,8 +4,9 @@ For each model variant ("default": the preset U-Net, ch 32, ch_mult (1, 2, 2), 1
 attention at 8 px, 32 px crops, batch 32; "large": ch 64, 2 res blocks, attention at 16 px,
 32 groups, batch 16) and each step kind ("pretrain": v-prediction diffusion loss; "codi": the
 CoDi loss, two forward passes of the conditional network and one backward), it builds the step
-the way `cdd_jax.train.loop.train` does (jax.jit with in/out shardings, donated state, compiled
-ahead of time; `common.build_train_step`) on a real batch of the pipeline and reports:
+with `cdd_jax.train.builder.build_train_step`, as `cdd_jax.train.loop.train` does (jax.jit with
+in/out shardings, donated state, compiled ahead of time; `contenders.build_contender`) on a real
+batch of the pipeline and reports:
 trace + compile seconds, the step time (median of the timed steps after warm-up, each blocked
 with block_until_ready), FLOPs per step from `compiled.cost_analysis()`, achieved FLOP/s, and
 the ratio to an f32 matmul roofline (2048^2 and 4096^2, best of the two) measured in the same run.
@@ -43,7 +44,7 @@ import time
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, contenders  # noqa: E402
 
 # Contenders that differ from cdd_jax only by extra XLA flags: name -> (label, flags).
 FLAG_EXPERIMENTS = {
@@ -64,7 +65,7 @@ ENV_EXPERIMENTS = {
 EXPERIMENTS = (*FLAG_EXPERIMENTS, *ENV_EXPERIMENTS, "remat", "nodonate")
 
 
-class JaxStep(common.TrainStepBench):
+class JaxStep(contenders.TrainStepBench):
     """The cdd_jax step in a worker, plus the cost of an unfused EMA update."""
 
     def unfused_ema_s(self, n: int = 10) -> float:
@@ -74,7 +75,7 @@ class JaxStep(common.TrainStepBench):
         from cdd_jax.distill.ema import ema_update
 
         f = jax.jit(ema_update)
-        s = self.built.state
+        s = self.contender.step.state
         jax.block_until_ready(f(s.ema_params, s.params, 0.999))
         ts = []
         for _ in range(n):
@@ -110,10 +111,9 @@ def credited_flops(workers: list[common.Worker]) -> tuple[float, str]:
     return xla, "XLA cost analysis"
 
 
-def run_group(kind: str, variant: str, args, rooflines: list[common.Worker]) -> dict:
-    """Builds the contenders of one (kind, variant), times them in alternation, summarises."""
-    print(f"== {variant} / {kind}: compiling ({common.uptime()})", flush=True)
-    load_start = common.load_average()
+def make_workers(kind: str, variant: str, args) -> list[common.Worker]:
+    """The contenders of one (kind, variant): cdd_jax (and the peer) per thread setting, then the
+    experiments. Workers already started are closed if a later one fails."""
     base = os.environ.get("XLA_FLAGS", "")
     threads = [t for t in args.threads.split(",") if t]
     exps = [e for e in args.experiments.split(",") if e]
@@ -152,12 +152,48 @@ def run_group(kind: str, variant: str, args, rooflines: list[common.Worker]) -> 
             workers.append(jax_worker("cdd_jax+remat" + sfx, env, remat=True))
         if "nodonate" in exps:
             workers.append(jax_worker("cdd_jax-nodonate" + sfx, env, donate=False))
+    except BaseException:
+        for w in workers:
+            w.close()
+        raise
+    return workers
+
+
+def contender_summary(w: common.Worker, times: dict, flops: float, roofs: dict) -> dict:
+    """Step times of one contender with the credited FLOPs against its roofline."""
+    wall, cpu = common.summarize(times["step"]), common.summarize(times["step_cpu"])
+    one_thread = w.name.endswith("@1t")
+    roof = roofs["roofline@1t" if one_thread and "roofline@1t" in roofs else "roofline"]
+    info = dict(w.info)
+    return {
+        "wall": wall,
+        "cpu": cpu,
+        "times": times,
+        "info": info,
+        "compile_s": info.get("first_step_s")
+        if w.name.startswith("peer")
+        else info["trace_s"] + info["compile_s"],
+        # The same work is credited to every contender: XLA's count for the cdd_jax step.
+        "gflop_per_step": flops / 1e9,
+        "gflops_wall": flops / wall["median_s"] / 1e9,
+        "gflop_per_cpu_s": flops / cpu["median_s"] / 1e9,
+        "roofline_fraction_wall": flops / wall["median_s"] / 1e9 / roof["best_wall"],
+        "roofline_fraction_cpu": flops / cpu["median_s"] / 1e9 / roof["best_cpu"],
+    }
+
+
+def run_group(kind: str, variant: str, args, rooflines: list[common.Worker]) -> dict:
+    """Builds the contenders of one (kind, variant), times them in alternation, summarises."""
+    print(f"== {variant} / {kind}: compiling ({common.uptime()})", flush=True)
+    load_start = common.load_average()
+    workers = make_workers(kind, variant, args)
+    try:
         res = common.interleave(workers + rooflines, args.rounds, args.per_round)
         ema_s = workers[0].call("unfused_ema_s")
     finally:
         for w in workers:
             w.close()
-    roofs = {w.name: common.roofline_gflops(res["times"][w.name]) for w in rooflines}
+    roofs = {w.name: contenders.roofline_gflops(res["times"][w.name]) for w in rooflines}
     flops, flops_source = credited_flops(workers)
     out = {
         "kind": kind,
@@ -169,30 +205,10 @@ def run_group(kind: str, variant: str, args, rooflines: list[common.Worker]) -> 
         "unfused_ema_update_s": ema_s,
         "flops_credited": flops,
         "flops_source": flops_source,
-        "contenders": {},
+        "contenders": {w.name: contender_summary(w, res["times"][w.name], flops, roofs)
+                       for w in workers},
         "peer_ratios": {},
     }
-    for w in workers:
-        times = res["times"][w.name]
-        wall, cpu = common.summarize(times["step"]), common.summarize(times["step_cpu"])
-        one_thread = w.name.endswith("@1t")
-        roof = roofs["roofline@1t" if one_thread and "roofline@1t" in roofs else "roofline"]
-        info = dict(w.info)
-        out["contenders"][w.name] = {
-            "wall": wall,
-            "cpu": cpu,
-            "times": times,
-            "info": info,
-            "compile_s": info.get("first_step_s")
-            if w.name.startswith("peer")
-            else info["trace_s"] + info["compile_s"],
-            # The same work is credited to every contender: XLA's count for the cdd_jax step.
-            "gflop_per_step": flops / 1e9,
-            "gflops_wall": flops / wall["median_s"] / 1e9,
-            "gflop_per_cpu_s": flops / cpu["median_s"] / 1e9,
-            "roofline_fraction_wall": flops / wall["median_s"] / 1e9 / roof["best_wall"],
-            "roofline_fraction_cpu": flops / cpu["median_s"] / 1e9 / roof["best_cpu"],
-        }
     for sfx in ("", "@1t"):
         mine, peer = out["contenders"].get("cdd_jax" + sfx), out["contenders"].get("peer" + sfx)
         if mine and peer:
@@ -245,76 +261,62 @@ def markdown(payload: dict) -> str:
         "",
     ]
     for g in payload["groups"]:
-        r1 = g["rooflines"]
-        roof_txt = ", ".join(
-            f"{k}: {v['best_wall']:.0f} GFLOP/s wall, {v['best_cpu']:.0f} GFLOP/CPU-s"
-            for k, v in r1.items()
-        )
-        lines += [f"## {g['variant']} U-Net, {g['kind']} step", ""]
-        rows = []
-        for name, c in g["contenders"].items():
-            rows.append(
-                [
-                    name,
-                    c["compile_s"],
-                    c["wall"]["median_s"],
-                    f"{c['wall']['p10_s']:.3g}-{c['wall']['p90_s']:.3g}",
-                    c["cpu"]["median_s"],
-                    c["gflops_wall"],
-                    f"{100 * c['roofline_fraction_wall']:.0f}%",
-                    c["gflop_per_cpu_s"],
-                    f"{100 * c['roofline_fraction_cpu']:.0f}%",
-                ]
-            )
-        lines.append(
-            common.md_table(
-                [
-                    "contender",
-                    "compile / 1st step s",
-                    "step wall s",
-                    "p10-p90 wall",
-                    "step CPU s",
-                    "GFLOP/s wall",
-                    "of roofline",
-                    "GFLOP/CPU-s",
-                    "of roofline",
-                ],
-                rows,
-            )
-        )
-        info = g["contenders"]["cdd_jax"]["info"]
-        extra = [
-            f"{g['contenders']['cdd_jax']['gflop_per_step']:.1f} GFLOP/step "
-            f"({g.get('flops_source', 'XLA cost analysis')})",
-            f"params {info['num_params']:,}",
-            f"batch {info['batch_size']} at {info['crop_size']} px",
-            f"rooflines ({roof_txt})",
-            f"unfused EMA update {1e3 * g['unfused_ema_update_s']:.1f} ms",
-        ]
-        peers = [c for n, c in g["contenders"].items() if n.startswith("peer")]
-        if peers:
-            p = peers[0]["info"]
-            extra.insert(
-                2,
-                f"peer params {p['num_params']:,}, peer layer FLOPs "
-                f"{p['layer_flops_per_step'] / 1e9:.1f} GFLOP/step (torch FlopCounterMode: "
-                "matmuls/convs only)",
-            )
-        for k, r in g["peer_ratios"].items():
-            extra.append(
-                f"**cdd_jax / peer speed ({k.replace('_', ' ')}): {r['wall']:.2f}x wall, "
-                f"{r['cpu']:.2f}x CPU**"
-            )
-        if info["warnings"]:
-            extra.append(f"warnings at compile: {info['warnings']}")
-        extra.append(f"load per round {g['load_per_round']}")
-        lines += ["", "; ".join(extra) + ".", ""]
+        lines += group_markdown(g)
     return "\n".join(lines)
+
+
+GROUP_COLUMNS = ("contender", "compile / 1st step s", "step wall s", "p10-p90 wall", "step CPU s",
+                 "GFLOP/s wall", "of roofline", "GFLOP/CPU-s", "of roofline")
+
+
+def group_markdown(g: dict) -> list[str]:
+    """The section of one (kind, variant) group: its table and a line of notes."""
+    r1 = g["rooflines"]
+    roof_txt = ", ".join(
+        f"{k}: {v['best_wall']:.0f} GFLOP/s wall, {v['best_cpu']:.0f} GFLOP/CPU-s"
+        for k, v in r1.items()
+    )
+    lines = [f"## {g['variant']} U-Net, {g['kind']} step", ""]
+    rows = [
+        [name, c["compile_s"], c["wall"]["median_s"],
+         f"{c['wall']['p10_s']:.3g}-{c['wall']['p90_s']:.3g}", c["cpu"]["median_s"],
+         c["gflops_wall"], f"{100 * c['roofline_fraction_wall']:.0f}%", c["gflop_per_cpu_s"],
+         f"{100 * c['roofline_fraction_cpu']:.0f}%"]
+        for name, c in g["contenders"].items()
+    ]
+    lines.append(common.md_table(GROUP_COLUMNS, rows))
+    info = g["contenders"]["cdd_jax"]["info"]
+    extra = [
+        f"{g['contenders']['cdd_jax']['gflop_per_step']:.1f} GFLOP/step "
+        f"({g.get('flops_source', 'XLA cost analysis')})",
+        f"params {info['num_params']:,}",
+        f"batch {info['batch_size']} at {info['crop_size']} px",
+        f"rooflines ({roof_txt})",
+        f"unfused EMA update {1e3 * g['unfused_ema_update_s']:.1f} ms",
+    ]
+    peers = [c for n, c in g["contenders"].items() if n.startswith("peer")]
+    if peers:
+        p = peers[0]["info"]
+        extra.insert(
+            2,
+            f"peer params {p['num_params']:,}, peer layer FLOPs "
+            f"{p['layer_flops_per_step'] / 1e9:.1f} GFLOP/step (torch FlopCounterMode: "
+            "matmuls/convs only)",
+        )
+    for k, r in g["peer_ratios"].items():
+        extra.append(
+            f"**cdd_jax / peer speed ({k.replace('_', ' ')}): {r['wall']:.2f}x wall, "
+            f"{r['cpu']:.2f}x CPU**"
+        )
+    if info["warnings"]:
+        extra.append(f"warnings at compile: {info['warnings']}")
+    extra.append(f"load per round {g['load_per_round']}")
+    return [*lines, "", "; ".join(extra) + ".", ""]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", default="default,large", help=f"From {common.VARIANTS}.")
+    p.add_argument("--variants", default="default,large", help=f"From {contenders.VARIANTS}.")
     p.add_argument("--kinds", default="pretrain,codi")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--per_round", type=int, default=2)
@@ -350,11 +352,11 @@ def main() -> None:
         for t in [t for t in args.threads.split(",") if t]:
             if t == "all":
                 rooflines.append(
-                    common.Worker("roofline", common.MatmulRoofline, dtype=args.dtype)
+                    common.Worker("roofline", contenders.MatmulRoofline, dtype=args.dtype)
                 )
             else:
                 env = _env_1t(os.environ.get("XLA_FLAGS", ""))
-                rooflines.append(common.Worker("roofline@1t", common.MatmulRoofline, env=env))
+                rooflines.append(common.Worker("roofline@1t", contenders.MatmulRoofline, env=env))
         for variant in [v for v in args.variants.split(",") if v]:
             for kind in [k for k in args.kinds.split(",") if k]:
                 groups.append(run_group(kind, variant, args, rooflines))

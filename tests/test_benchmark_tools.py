@@ -74,7 +74,7 @@ def test_credited_flops_prefer_xla_unless_the_peer_counts_more():
 
 
 def test_benchmark_configs_take_the_shared_batch_and_dtype_overrides():
-    from benchmarks.common import make_config
+    from benchmarks.contenders import make_config
 
     base = make_config("codi", "default")
     cfg = make_config("codi", "default", 256, dtype="bfloat16")

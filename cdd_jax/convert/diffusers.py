@@ -12,6 +12,7 @@ port's abstract parameters (`jax.eval_shape`, nothing compiled) before anything 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -104,8 +105,13 @@ def abstract_params(module: nn.Module):
 
 def expected_tensors(module: nn.Module) -> dict[str, tuple]:
     """diffusers key -> torch shape of every tensor the port holds (via the exporter mapping)."""
-    leaves = _leaves(nn.unbox(abstract_params(module)))
-    return {torch_name(p): torch_shape(v.shape) for p, v in leaves.items()}
+    return dict(_expected_tensors(type(module), module.config_json))
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_tensors(cls, config_json: str) -> tuple:
+    leaves = _leaves(nn.unbox(abstract_params(cls(config_json))))  # shapes: dtype-independent
+    return tuple((torch_name(p), torch_shape(v.shape)) for p, v in leaves.items())
 
 
 def _describe(kind: str, names: list[str]) -> str:

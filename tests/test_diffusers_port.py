@@ -227,6 +227,24 @@ def test_pipeline_subfolders_and_scheduler(loaded, tmp_path):
         load_diffusers(tmp_path)
 
 
+def test_deprecated_attention_names_are_read(loaded, tmp_path):
+    """Old checkpoints (early SD VAEs, google/ddpm-*) use query/key/value/proj_attn, some 1x1."""
+    folder = _copy("vae", tmp_path)
+    old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    renamed = {}
+    for k, v in _tensors(folder).items():
+        for new, dep in old.items():
+            if f".attentions.0.{new}." in k:
+                k = k.replace(f".{new}.", f".{dep}.")
+                v = v[:, :, None, None] if v.ndim == 2 and dep == "query" else v
+        renamed[k] = v
+    assert any(".query." in k for k in renamed)
+    _write_tensors(folder, renamed)
+    _, params = load_diffusers(folder)
+    ref = conv._leaves(loaded["vae"][1])
+    assert all(np.array_equal(v, ref[k]) for k, v in conv._leaves(params).items())
+
+
 # ---------------------------------------------------------------- bad input
 
 

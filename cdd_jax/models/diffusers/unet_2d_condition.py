@@ -65,6 +65,8 @@ _SUPPORTED = dict(
     class_embeddings_concat=(False,), mid_block_only_cross_attention=(None, False),
     cross_attention_norm=(None,), reverse_transformer_layers_per_block=(None,),
     act_fn=("silu", "swish"),
+    # diffusers itself rejects num_attention_heads here: attention_head_dim holds the head count.
+    num_attention_heads=(None,),
 )
 
 
@@ -136,8 +138,7 @@ class UNet2DConditionModel(nn.Module):
         if sample.ndim != 4 or sample.shape[1] % 2 ** (n - 1) or sample.shape[2] % 2 ** (n - 1):
             raise ValueError(f"sample must be NHWC with H, W divisible by {2 ** (n - 1)}, "
                              f"got shape {sample.shape}")
-        heads = per_level(cfg["num_attention_heads"] or cfg["attention_head_dim"], n,
-                          "attention_head_dim")
+        heads = per_level(cfg["attention_head_dim"], n, "attention_head_dim")  # head counts
         layers = per_level(cfg["layers_per_block"], n, "layers_per_block")
         t_layers = per_level(cfg["transformer_layers_per_block"], n,
                              "transformer_layers_per_block")

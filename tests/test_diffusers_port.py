@@ -329,7 +329,12 @@ def test_unreachable_hub_id(monkeypatch):
 @pytest.mark.parametrize("name", sorted(FULL_SIZE_CONFIGS))
 def test_full_size_configs_convert_shape_complete(name):
     module = from_config(FULL_SIZE_CONFIGS[name])
-    abstract = conv._leaves(nn.unbox(conv.abstract_params(module)))  # eval_shape: no weights
+    boxed = conv.abstract_params(module)  # eval_shape: no weights
+    names = {b.names for b in jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(
+        x, nn.LogicallyPartitioned))}  # every parameter carries the house's logical axes
+    assert names == {("conv_h", "conv_w", "channels_in", "channels_out"),
+                     ("channels_in", "channels_out"), ("channels_out",), ("norm",)}
+    abstract = conv._leaves(nn.unbox(boxed))
     exported = conv.expected_tensors(module)  # the exporter's mapping
     imported = {conv.flax_path(k, len(s)): conv.to_flax_layout(np.empty(s, np.uint8)).shape
                 for k, s in exported.items()}  # the importer's mapping back

@@ -1,0 +1,5 @@
+"""Checkpoint conversion between cdd_jax and other frameworks' layouts."""
+
+from cdd_jax.convert.diffusers import load_diffusers, read_scheduler_config, save_diffusers
+
+__all__ = ["load_diffusers", "read_scheduler_config", "save_diffusers"]

@@ -1,0 +1,149 @@
+"""diffusers `UNet2DModel` (the pixel-space DDPM U-Net, e.g. google/ddpm-*) as a linen module."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cdd_jax.models.diffusers.blocks import (
+    DownBlock,
+    MidBlock,
+    TimestepEmbedding,
+    UpBlock,
+    activation,
+    broadcast_timesteps,
+    canonical_config,
+    check_block_types,
+    conv,
+    group_norm,
+    reject_unsupported,
+    timestep_embedding,
+)
+from cdd_jax.models.layers import constrain
+
+Dtype = Any
+
+# diffusers 0.42 `UNet2DModel.__init__` defaults.
+DEFAULTS = dict(
+    sample_size=None, in_channels=3, out_channels=3, center_input_sample=False,
+    time_embedding_type="positional", time_embedding_dim=None, freq_shift=0,
+    flip_sin_to_cos=True,
+    down_block_types=["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    mid_block_type="UNetMidBlock2D",
+    up_block_types=["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    block_out_channels=[224, 448, 672, 896], layers_per_block=2, mid_block_scale_factor=1,
+    downsample_padding=1, downsample_type="conv", upsample_type="conv", dropout=0.0,
+    act_fn="silu", attention_head_dim=8, norm_num_groups=32, attn_norm_num_groups=None,
+    norm_eps=1e-5, resnet_time_scale_shift="default", add_attention=True, class_embed_type=None,
+    num_class_embeds=None, num_train_timesteps=None,
+)
+DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
+UP_TYPES = ("UpBlock2D", "AttnUpBlock2D")
+MID_TYPES = ("UNetMidBlock2D", None)
+_SUPPORTED = dict(
+    time_embedding_type=("positional",), downsample_type=("conv",), upsample_type=("conv",),
+    resnet_time_scale_shift=("default",), class_embed_type=(None,), num_class_embeds=(None,),
+    act_fn=("silu", "swish"),
+)
+
+
+def validate(cfg: dict) -> None:
+    """ValueError naming whatever in a UNet2DModel config the port does not implement."""
+    reject_unsupported(cfg, _SUPPORTED, "UNet2DModel")
+    check_block_types("down", cfg["down_block_types"], DOWN_TYPES)
+    check_block_types("up", cfg["up_block_types"], UP_TYPES)
+    if cfg["mid_block_type"] not in MID_TYPES:
+        raise ValueError(f"unsupported mid block type {cfg['mid_block_type']!r}; the cdd_jax "
+                         f"port supports UNetMidBlock2D or None")
+    n = len(cfg["block_out_channels"])
+    if len(cfg["down_block_types"]) != n or len(cfg["up_block_types"]) != n:
+        raise ValueError("down_block_types, up_block_types and block_out_channels must have "
+                         "the same length")
+
+
+class UNet2DModel(nn.Module):
+    """`apply({'params': p}, sample, timesteps) -> prediction`, NHWC in and out.
+
+    `timesteps`: scalar or [B], in the checkpoint's units (0..num_train_timesteps). Built from a
+    diffusers config with `from_config`; `config_json` carries that config for export.
+    """
+
+    config_json: str
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict, *, dtype: Dtype = jnp.float32,
+                    remat: bool = False) -> UNet2DModel:
+        canon = canonical_config("UNet2DModel", DEFAULTS, config)
+        validate(json.loads(canon))
+        return cls(canon, dtype, remat)
+
+    @property
+    def config(self) -> dict:
+        return json.loads(self.config_json)
+
+    def example_inputs(self, batch: int = 1, size: int | None = None) -> tuple:
+        """(sample, timesteps) of the smallest valid spatial size (or `size`), for init."""
+        cfg = self.config
+        size = size or 2 ** (len(cfg["block_out_channels"]) - 1)
+        return (jnp.zeros((batch, size, size, cfg["in_channels"]), jnp.float32),
+                jnp.zeros((batch,), jnp.float32))
+
+    @nn.compact
+    def __call__(self, sample: jax.Array, timesteps, encoder_hidden_states=None, *,
+                 train: bool = False) -> jax.Array:
+        cfg = self.config
+        validate(cfg)
+        if encoder_hidden_states is not None:
+            raise ValueError("UNet2DModel takes no encoder_hidden_states")
+        activation(cfg["act_fn"])
+        ch = cfg["block_out_channels"]
+        n = len(ch)
+        if sample.ndim != 4 or sample.shape[1] % 2 ** (n - 1) or sample.shape[2] % 2 ** (n - 1):
+            raise ValueError(f"sample must be NHWC with H, W divisible by {2 ** (n - 1)}, "
+                             f"got shape {sample.shape}")
+        x = sample.astype(self.dtype)
+        if cfg["center_input_sample"]:
+            x = 2 * x - 1.0
+        t = broadcast_timesteps(timesteps, x.shape[0])
+        t_emb = timestep_embedding(t, ch[0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
+        emb = TimestepEmbedding(cfg["time_embedding_dim"] or 4 * ch[0], self.dtype,
+                                name="time_embedding")(t_emb)
+        common = dict(groups=cfg["norm_num_groups"], eps=cfg["norm_eps"], dropout=cfg["dropout"],
+                      remat=self.remat, dtype=self.dtype)
+        det = not train
+
+        h = constrain(conv(ch[0], name="conv_in", dtype=self.dtype)(x))
+        skips = [h]
+        for i, btype in enumerate(cfg["down_block_types"]):
+            attn = "self" if btype == "AttnDownBlock2D" else None
+            h, res = DownBlock(attn=attn, dim_head=cfg["attention_head_dim"] or ch[i],
+                               attn_groups=cfg["norm_num_groups"], out_channels=ch[i],
+                               num_layers=cfg["layers_per_block"], add_downsample=i < n - 1,
+                               downsample_padding=cfg["downsample_padding"], **common,
+                               name=f"down_blocks_{i}")(h, emb, None, det)
+            skips.extend(res)
+        if cfg["mid_block_type"] is not None:
+            mid = dict(common, output_scale_factor=cfg["mid_block_scale_factor"])
+            h = MidBlock(attn="self" if cfg["add_attention"] else None,
+                         dim_head=cfg["attention_head_dim"] or ch[-1],
+                         attn_groups=cfg["attn_norm_num_groups"] or cfg["norm_num_groups"],
+                         **mid, name="mid_block")(h, emb, None, det)
+        for i, btype in enumerate(cfg["up_block_types"]):
+            out = ch[n - 1 - i]
+            k = cfg["layers_per_block"] + 1
+            res, skips = skips[-k:], skips[:-k]
+            h = UpBlock(attn="self" if btype == "AttnUpBlock2D" else None,
+                        dim_head=cfg["attention_head_dim"] or out,
+                        attn_groups=cfg["norm_num_groups"], out_channels=out, num_layers=k,
+                        add_upsample=i < n - 1, **common,
+                        name=f"up_blocks_{i}")(h, res, emb, None, det)
+        h = group_norm(cfg["norm_num_groups"], cfg["norm_eps"], name="conv_norm_out",
+                       dtype=self.dtype)(h)
+        out = conv(cfg["out_channels"], name="conv_out", dtype=self.dtype)(nn.silu(h))
+        return out.astype(jnp.float32)

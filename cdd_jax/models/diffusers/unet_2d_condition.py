@@ -1,0 +1,183 @@
+"""diffusers `UNet2DConditionModel` (Stable Diffusion 1.x / 2.x) as a linen module."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cdd_jax.models.diffusers.blocks import (
+    DownBlock,
+    MidBlock,
+    TimestepEmbedding,
+    UpBlock,
+    activation,
+    broadcast_timesteps,
+    canonical_config,
+    check_block_types,
+    conv,
+    group_norm,
+    per_level,
+    reject_unsupported,
+    timestep_embedding,
+)
+from cdd_jax.models.layers import constrain
+
+Dtype = Any
+
+# diffusers 0.42 `UNet2DConditionModel.__init__` defaults.
+DEFAULTS = dict(
+    sample_size=None, in_channels=4, out_channels=4, center_input_sample=False,
+    flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                      "DownBlock2D"],
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                    "CrossAttnUpBlock2D"],
+    only_cross_attention=False, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+    downsample_padding=1, mid_block_scale_factor=1, dropout=0.0, act_fn="silu",
+    norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1280, transformer_layers_per_block=1,
+    reverse_transformer_layers_per_block=None, encoder_hid_dim=None, encoder_hid_dim_type=None,
+    attention_head_dim=8, num_attention_heads=None, dual_cross_attention=False,
+    use_linear_projection=False, class_embed_type=None, addition_embed_type=None,
+    addition_time_embed_dim=None, num_class_embeds=None, upcast_attention=False,
+    resnet_time_scale_shift="default", resnet_skip_time_act=False, resnet_out_scale_factor=1.0,
+    time_embedding_type="positional", time_embedding_dim=None, time_embedding_act_fn=None,
+    timestep_post_act=None, time_cond_proj_dim=None, conv_in_kernel=3, conv_out_kernel=3,
+    projection_class_embeddings_input_dim=None, attention_type="default",
+    class_embeddings_concat=False, mid_block_only_cross_attention=None,
+    cross_attention_norm=None, addition_embed_type_num_heads=64,
+)
+DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
+_SUPPORTED = dict(
+    encoder_hid_dim=(None,), encoder_hid_dim_type=(None,), dual_cross_attention=(False,),
+    class_embed_type=(None,), addition_embed_type=(None,), addition_time_embed_dim=(None,),
+    num_class_embeds=(None,), resnet_time_scale_shift=("default",),
+    resnet_skip_time_act=(False,), resnet_out_scale_factor=(1.0,),
+    time_embedding_type=("positional",), time_embedding_act_fn=(None,),
+    timestep_post_act=(None,), time_cond_proj_dim=(None,),
+    projection_class_embeddings_input_dim=(None,), attention_type=("default",),
+    class_embeddings_concat=(False,), mid_block_only_cross_attention=(None, False),
+    cross_attention_norm=(None,), reverse_transformer_layers_per_block=(None,),
+    act_fn=("silu", "swish"),
+    # diffusers itself rejects num_attention_heads here: attention_head_dim holds the head count.
+    num_attention_heads=(None,),
+)
+
+
+def validate(cfg: dict) -> None:
+    """ValueError naming whatever in a UNet2DConditionModel config the port does not implement."""
+    reject_unsupported(cfg, _SUPPORTED, "UNet2DConditionModel")
+    check_block_types("down", cfg["down_block_types"], DOWN_TYPES)
+    check_block_types("up", cfg["up_block_types"], UP_TYPES)
+    if cfg["mid_block_type"] not in MID_TYPES:
+        raise ValueError(f"unsupported mid block type {cfg['mid_block_type']!r}; the cdd_jax "
+                         "port supports UNetMidBlock2DCrossAttn or None")
+    n = len(cfg["block_out_channels"])
+    if len(cfg["down_block_types"]) != n or len(cfg["up_block_types"]) != n:
+        raise ValueError("down_block_types, up_block_types and block_out_channels must have "
+                         "the same length")
+    if any(per_level(cfg["only_cross_attention"], n, "only_cross_attention")):
+        raise ValueError("only_cross_attention=True is not supported by the cdd_jax port")
+    if not isinstance(cfg["cross_attention_dim"], int):
+        raise ValueError("per-level cross_attention_dim is not supported by the cdd_jax port "
+                         f"(got {cfg['cross_attention_dim']!r})")
+    if cfg["norm_num_groups"] is None:
+        raise ValueError("norm_num_groups=None is not supported by the cdd_jax port")
+    layers = per_level(cfg["transformer_layers_per_block"], n, "transformer_layers_per_block")
+    if not all(isinstance(v, int) for v in layers):
+        raise ValueError("nested transformer_layers_per_block is not supported by the port")
+
+
+class UNet2DConditionModel(nn.Module):
+    """`apply({'params': p}, sample, timesteps, encoder_hidden_states) -> prediction`, NHWC.
+
+    `timesteps`: scalar or [B] in checkpoint units; `encoder_hidden_states`: [B, T,
+    cross_attention_dim] (e.g. CLIP text features). `config_json` carries the diffusers config.
+    """
+
+    config_json: str
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict, *, dtype: Dtype = jnp.float32,
+                    remat: bool = False) -> UNet2DConditionModel:
+        canon = canonical_config("UNet2DConditionModel", DEFAULTS, config)
+        validate(json.loads(canon))
+        return cls(canon, dtype, remat)
+
+    @property
+    def config(self) -> dict:
+        return json.loads(self.config_json)
+
+    def example_inputs(self, batch: int = 1, size: int | None = None, tokens: int = 1) -> tuple:
+        """(sample, timesteps, encoder_hidden_states) of the smallest valid size, for init."""
+        cfg = self.config
+        size = size or 2 ** (len(cfg["block_out_channels"]) - 1)
+        return (jnp.zeros((batch, size, size, cfg["in_channels"]), jnp.float32),
+                jnp.zeros((batch,), jnp.float32),
+                jnp.zeros((batch, tokens, cfg["cross_attention_dim"]), jnp.float32))
+
+    @nn.compact
+    def __call__(self, sample: jax.Array, timesteps, encoder_hidden_states: jax.Array | None = None,
+                 *, train: bool = False) -> jax.Array:
+        cfg = self.config
+        validate(cfg)
+        activation(cfg["act_fn"])
+        if encoder_hidden_states is None:
+            raise ValueError("UNet2DConditionModel needs encoder_hidden_states [B, T, "
+                             f"{cfg['cross_attention_dim']}]")
+        ch = cfg["block_out_channels"]
+        n = len(ch)
+        if sample.ndim != 4 or sample.shape[1] % 2 ** (n - 1) or sample.shape[2] % 2 ** (n - 1):
+            raise ValueError(f"sample must be NHWC with H, W divisible by {2 ** (n - 1)}, "
+                             f"got shape {sample.shape}")
+        heads = per_level(cfg["attention_head_dim"], n, "attention_head_dim")  # head counts
+        layers = per_level(cfg["layers_per_block"], n, "layers_per_block")
+        t_layers = per_level(cfg["transformer_layers_per_block"], n,
+                             "transformer_layers_per_block")
+        x = sample.astype(self.dtype)
+        if cfg["center_input_sample"]:
+            x = 2 * x - 1.0
+        context = encoder_hidden_states.astype(self.dtype)
+        t = broadcast_timesteps(timesteps, x.shape[0])
+        t_emb = timestep_embedding(t, ch[0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
+        emb = TimestepEmbedding(cfg["time_embedding_dim"] or 4 * ch[0], self.dtype,
+                                name="time_embedding")(t_emb)
+        common = dict(groups=cfg["norm_num_groups"], eps=cfg["norm_eps"], dropout=cfg["dropout"],
+                      use_linear_projection=cfg["use_linear_projection"],
+                      upcast=cfg["upcast_attention"], remat=self.remat, dtype=self.dtype)
+        det = not train
+
+        h = constrain(conv(ch[0], cfg["conv_in_kernel"], name="conv_in", dtype=self.dtype)(x))
+        skips = [h]
+        for i, btype in enumerate(cfg["down_block_types"]):
+            h, res = DownBlock(attn="cross" if btype == "CrossAttnDownBlock2D" else None,
+                               heads=heads[i], transformer_layers=t_layers[i], out_channels=ch[i],
+                               num_layers=layers[i], add_downsample=i < n - 1,
+                               downsample_padding=cfg["downsample_padding"], **common,
+                               name=f"down_blocks_{i}")(h, emb, context, det)
+            skips.extend(res)
+        if cfg["mid_block_type"] is not None:
+            h = MidBlock(attn="cross", heads=heads[-1], transformer_layers=t_layers[-1],
+                         output_scale_factor=cfg["mid_block_scale_factor"], **common,
+                         name="mid_block")(h, emb, context, det)
+        for i, btype in enumerate(cfg["up_block_types"]):
+            lvl = n - 1 - i
+            k = layers[lvl] + 1
+            res, skips = skips[-k:], skips[:-k]
+            h = UpBlock(attn="cross" if btype == "CrossAttnUpBlock2D" else None,
+                        heads=heads[lvl], transformer_layers=t_layers[lvl], out_channels=ch[lvl],
+                        num_layers=k, add_upsample=i < n - 1, **common,
+                        name=f"up_blocks_{i}")(h, res, emb, context, det)
+        h = group_norm(cfg["norm_num_groups"], cfg["norm_eps"], name="conv_norm_out",
+                       dtype=self.dtype)(h)
+        out = conv(cfg["out_channels"], cfg["conv_out_kernel"], name="conv_out",
+                   dtype=self.dtype)(nn.silu(h))
+        return out.astype(jnp.float32)

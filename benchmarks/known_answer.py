@@ -20,8 +20,10 @@ a model of the exact Gaussian-denoiser form with learned (covariance square root
 G, g), which contains the posterior denoiser, and is the frozen teacher of CM, Direct CM and GD.
 
     python benchmarks/known_answer.py [--quick] [--from_json=results/known_answer.json]
+    python benchmarks/known_answer.py --convergence=6000,24000 [--per_example_t]
 
-Writes benchmarks/results/known_answer.{json,md,png}.
+Writes benchmarks/results/known_answer.{json,md,png} (known_answer_convergence*.* with
+--convergence).
 """
 
 from __future__ import annotations
@@ -516,6 +518,33 @@ def run(quick: bool = False) -> dict:
                         "tr_S": float(np.trace(problem.post.S))}}
 
 
+def convergence(steps_list, per_example_t: bool = False) -> dict:
+    """The default CoDi (optionally with one t per example) trained for each of `steps_list`:
+    how far its distances still move with more steps."""
+    problem = default_problem()
+    gauss_apply = gs.gaussian_apply_fn(SCHEDULE)
+    teacher_table = problem.student_from(gauss_apply, problem.teacher, N_GRID)
+    cfg = codi_cfg(per_example_t=per_example_t)
+    loss = functools.partial(codi_loss, problem.student_apply, schedule=SCHEDULE, cfg=cfg)
+    rows, training, name = [], {}, "codi_per_example_t" if per_example_t else "codi"
+    for steps in steps_list:
+        _, target, curve = train(problem, loss, teacher_table, steps=steps, lr=1e-2,
+                                 batch_size=256, seed=2, target_ema=cfg.target_ema)
+        training[f"{name}_{steps}"] = {"train_steps": steps, "loss_first_chunk": curve[0],
+                                       "loss_mid": curve[len(curve) // 2],
+                                       "loss_last_chunk": curve[-1], "loss_curve": curve}
+        xpred = x_predictor(problem.student_apply, target)
+        for sampler in ("ddim", "fresh"):
+            for k in STEPS_K:
+                rows.append({"objective": f"{name}_{steps}_steps", "steps": k, "sampler": sampler,
+                             **evaluate(problem, xpred, k, sampler)})
+        print(f"  {name} {steps} steps done", flush=True)
+    return {"rows": rows, "training": training, "quick": False, "wall_s": 0.0,
+            "problem": {"d": problem.d, "d_c": problem.dc, "noise_std": NOISE_STD,
+                        "tr_Sigma": float(np.trace(problem.Sigma)),
+                        "tr_S": float(np.trace(problem.post.S))}}
+
+
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -600,14 +629,25 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a ~10x shorter smoke run")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--from_json", default=None, help="re-render the .md and .png of a result")
+    ap.add_argument("--convergence", default="",
+                    help="comma-separated step counts: train only the default CoDi for each")
+    ap.add_argument("--per_example_t", action="store_true", help="with --convergence")
     args = ap.parse_args()
+    suffix = "_quick" if args.quick else ""
     if args.from_json:
         with open(args.from_json) as f:
             result = json.load(f)
+        suffix = os.path.basename(args.from_json)[len("known_answer"):-len(".json")]
+    elif args.convergence:
+        t0 = time.time()
+        steps = [int(n) for n in args.convergence.split(",")]
+        result = convergence(steps, args.per_example_t)
+        result["wall_s"] = round(time.time() - t0, 1)
+        suffix = "_convergence" + ("_per_example_t" if args.per_example_t else "")
     else:
         result = run(quick=args.quick)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "known_answer" + ("_quick" if args.quick else ""))
+    stem = os.path.join(args.out, "known_answer" + suffix)
     if not args.from_json:
         with open(stem + ".json", "w") as f:
             json.dump(result, f, indent=1)

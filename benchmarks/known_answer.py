@@ -20,7 +20,7 @@ a model of the exact Gaussian-denoiser form with learned (covariance square root
 G, g), which contains the posterior denoiser, and is the frozen teacher of CM, Direct CM and GD.
 
     python benchmarks/known_answer.py [--quick] [--from_json=results/known_answer.json]
-    python benchmarks/known_answer.py --convergence=6000,24000 [--per_example_t]
+    python benchmarks/known_answer.py --convergence=24000,96000 [--per_example_t] [--set=k=v]
 
 Writes benchmarks/results/known_answer.{json,md,png} (known_answer_convergence*.* with
 --convergence).
@@ -518,15 +518,18 @@ def run(quick: bool = False) -> dict:
                         "tr_S": float(np.trace(problem.post.S))}}
 
 
-def convergence(steps_list, per_example_t: bool = False) -> dict:
-    """The default CoDi (optionally with one t per example) trained for each of `steps_list`:
-    how far its distances still move with more steps."""
+def convergence(steps_list, per_example_t: bool = False, overrides: dict | None = None) -> dict:
+    """CoDi (the defaults, or with `overrides` of the distill config; optionally one t per
+    example) trained for each of `steps_list`: how far its distances still move."""
     problem = default_problem()
     gauss_apply = gs.gaussian_apply_fn(SCHEDULE)
     teacher_table = problem.student_from(gauss_apply, problem.teacher, N_GRID)
-    cfg = codi_cfg(per_example_t=per_example_t)
+    overrides = overrides or {}
+    cfg = codi_cfg(per_example_t=per_example_t, **overrides)
     loss = functools.partial(codi_loss, problem.student_apply, schedule=SCHEDULE, cfg=cfg)
-    rows, training, name = [], {}, "codi_per_example_t" if per_example_t else "codi"
+    name = "_".join(["codi"] + [f"{k}_{v}" for k, v in overrides.items()]
+                    + (["per_example_t"] if per_example_t else []))
+    rows, training = [], {}
     for steps in steps_list:
         _, target, curve = train(problem, loss, teacher_table, steps=steps, lr=1e-2,
                                  batch_size=256, seed=2, target_ema=cfg.target_ema)
@@ -632,6 +635,8 @@ def main() -> None:
     ap.add_argument("--convergence", default="",
                     help="comma-separated step counts: train only the default CoDi for each")
     ap.add_argument("--per_example_t", action="store_true", help="with --convergence")
+    ap.add_argument("--set", action="append", default=[],
+                    help="with --convergence: a distill config override, e.g. predictor=ddim")
     args = ap.parse_args()
     suffix = "_quick" if args.quick else ""
     if args.from_json:
@@ -641,9 +646,14 @@ def main() -> None:
     elif args.convergence:
         t0 = time.time()
         steps = [int(n) for n in args.convergence.split(",")]
-        result = convergence(steps, args.per_example_t)
+        overrides = {}
+        for item in args.set:
+            key, value = item.split("=")
+            overrides[key] = type(distill_config()[key])(value)
+        result = convergence(steps, args.per_example_t, overrides)
         result["wall_s"] = round(time.time() - t0, 1)
-        suffix = "_convergence" + ("_per_example_t" if args.per_example_t else "")
+        suffix = "_convergence" + "".join(f"_{k}_{v}" for k, v in overrides.items()) + (
+            "_per_example_t" if args.per_example_t else "")
     else:
         result = run(quick=args.quick)
     os.makedirs(args.out, exist_ok=True)

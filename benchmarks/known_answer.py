@@ -39,9 +39,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-
-jax.config.update("jax_enable_x64", True)  # the fine-tuned model solves in float64 inside
-
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
@@ -226,7 +223,7 @@ def pe_apply_fn(backbone: dict, apply_fn=table_apply):
 def finetune_apply_fn(problem: Problem):
     """The fine-tuned model: the exact denoiser of N(m(c), C) as a v-prediction with learned
     C = R L L^T R (R = Sigma^1/2 fixed, L = I at init) and m(c) = g + G gamma (gamma the
-    whitened condition), in float64:
+    whitened condition), in float64 (needs jax_enable_x64, which `main` sets):
         v_hat = alpha sigma (I - C) P^-1 z - sigma P^-1 m,  P = alpha^2 C + sigma^2 I."""
     R = jnp.asarray(gs.sqrtm_psd(problem.Sigma), jnp.float64)
     c_mean = jnp.asarray(problem.c_mean, jnp.float64)
@@ -628,6 +625,9 @@ def plot(result: dict, path: str) -> None:
 
 
 def main() -> None:
+    # The fine-tuned model solves in float64 inside; set here, not at import, so that importing
+    # this module (the tests do) leaves the process's dtype defaults alone.
+    jax.config.update("jax_enable_x64", True)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a ~10x shorter smoke run")
     ap.add_argument("--out", default=RESULTS)

@@ -736,16 +736,16 @@ def test_adam_reduces_codi_loss_and_sample_error_on_a_toy_problem():
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule_name", ["cosine", "scaled_linear"])
 def test_codi_from_a_pretrained_toy_teacher_keeps_small_t_predictions(schedule_name):
-    """Pretrain a toy teacher with the diffusion loss, distil it with CoDi (defaults: PREv, one t
-    per batch, real-noise boundary) and check that the student's x_hat at t = 1/N and its K-step
-    samples stay as good as the teacher's. (With boundary="target" the same run drives the
-    x_hat error at t = 1/N above 1: the untrained t = 0 target drifts.)"""
+    """Pretrain a toy teacher with the diffusion loss, distil it with CoDi (PREv, ONE t per
+    batch, N = 8, 400 steps) once with each `boundary` and check that with "real_noise" (the
+    default) the student's x_hat at t = 1/N and its K-step samples stay as good as the
+    teacher's, while "target" (the literal Algorithm 1: the EMA network's noise at s = 0)
+    drives them above the teacher's. Prints the errors (run with -s) that BUILD_NOTES cites."""
     schedule, n_grid = get_schedule(schedule_name), 8
     net = ToyNet()
     apply_fn = lambda p, z, t, c, rng: net.apply({"params": p}, z, t, c)
     b0 = _batch(0, 16)
     params = net.init(jax.random.PRNGKey(0), b0["image"], jnp.ones(16), b0["cond"])["params"]
-    cfg = _cfg(num_grid_steps=n_grid, per_example_t=True)
     opt = optax.adam(3e-3)
 
     @jax.jit
@@ -756,14 +756,17 @@ def test_codi_from_a_pretrained_toy_teacher_keeps_small_t_predictions(schedule_n
         updates, opt_state = opt.update(g, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    @jax.jit
-    def codi_step(params, target, opt_state, n, batch, rng):
-        g, _ = jax.grad(codi_loss, argnums=1, has_aux=True)(
-            apply_fn, params, target, batch, rng, schedule=schedule, cfg=cfg
-        )
-        updates, opt_state = opt.update(g, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, ema_update(target, params, ema_decay(n, 0.99, "consistency")), opt_state
+    def codi_step_fn(cfg):
+        @jax.jit
+        def codi_step(params, target, opt_state, n, batch, rng):
+            g, _ = jax.grad(codi_loss, argnums=1, has_aux=True)(
+                apply_fn, params, target, batch, rng, schedule=schedule, cfg=cfg
+            )
+            updates, opt_state = opt.update(g, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return params, ema_update(target, params, ema_decay(n, 0.99, "consistency")), opt_state
+
+        return codi_step
 
     @jax.jit
     def evaluate(p):
@@ -798,11 +801,19 @@ def test_codi_from_a_pretrained_toy_teacher_keeps_small_t_predictions(schedule_n
         params, opt_state = pretrain_step(
             params, opt_state, _batch(5000 + n, 64), jax.random.PRNGKey(7000 + n)
         )
-    teacher = np.asarray(evaluate(params))
-    target, opt_state = params, opt.init(params)
-    for n in range(400):
-        params, target, opt_state = codi_step(
-            params, target, opt_state, n, _batch(1000 + n, 64), jax.random.PRNGKey(n)
-        )
-    student = np.asarray(evaluate(target))
-    assert np.all(student < 2.0 * teacher + 1e-3), (teacher, student)
+    teacher_params = params
+    teacher = np.asarray(evaluate(teacher_params))
+    student = {}
+    for boundary in ("real_noise", "target"):
+        cfg = _cfg(num_grid_steps=n_grid, per_example_t=False, boundary=boundary)
+        codi_step = codi_step_fn(cfg)
+        params, target, opt_state = teacher_params, teacher_params, opt.init(teacher_params)
+        for n in range(400):
+            params, target, opt_state = codi_step(
+                params, target, opt_state, n, _batch(1000 + n, 64), jax.random.PRNGKey(n)
+            )
+        student[boundary] = np.asarray(evaluate(target))
+    print(f"\n[{schedule_name}] MSE of (2-step sample, 4-step sample, x_hat at t=1/N): "
+          f"teacher {teacher}, real_noise {student['real_noise']}, target {student['target']}")
+    assert np.all(student["real_noise"] < 2.0 * teacher + 1e-3), (teacher, student)
+    assert student["target"][2] > 10.0 * student["real_noise"][2], student

@@ -55,7 +55,7 @@ from cdd_jax.distill import (  # noqa: E402
     ema_update,
     gd_loss,
 )
-from cdd_jax.distill.direct_cm import direct_cm_config, direct_cm_loss  # noqa: E402
+from cdd_jax.distill.direct_cm import direct_cm_loss  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SCHEDULE = get_schedule("cosine")
@@ -379,7 +379,6 @@ def codi_cfg(**kw):
     cfg.num_grid_steps = N_GRID
     for k, v in kw.items():
         cfg[k] = v
-    cfg.direct_cm = direct_cm_config()
     return cfg
 
 
@@ -477,13 +476,13 @@ def run(quick: bool = False) -> dict:
     cfg = codi_cfg()
     steps = S(6000)
     cm = lambda p, tgt, b, r: cm_loss(student, p, tgt, finetuned, b, r, schedule=SCHEDULE,
-                                      cfg=cfg, teacher_apply_fn=gauss_apply)
+                                      cfg=cfg, finetuned_apply_fn=gauss_apply)
     _, target, curve = train(problem, cm, student0, steps=steps, lr=1e-2, batch_size=batch,
                              seed=3, target_ema=cfg.target_ema)
     record("cm", curve, steps)
     add_rows("cm", x_predictor(student, target, "f", cfg.cm))
     dcm = lambda p, _, b, r: direct_cm_loss(student, p, finetuned, b, r, schedule=SCHEDULE,
-                                            cfg=cfg, teacher_apply_fn=gauss_apply)
+                                            cfg=cfg, finetuned_apply_fn=gauss_apply)
     params, _, curve = train(problem, dcm, student0, steps=steps, lr=1e-2, batch_size=batch,
                              seed=4)
     record("direct_cm", curve, steps)
@@ -496,7 +495,7 @@ def run(quick: bool = False) -> dict:
     for n_teacher in (64, 32, 16, 8, 4, 2):
         cfg = codi_cfg(num_grid_steps=n_teacher)
         gd = lambda p, _, b, r, tp=teacher_params, ta=teacher_apply, cfg=cfg: gd_loss(
-            student, p, tp, b, r, schedule=SCHEDULE, cfg=cfg, teacher_apply_fn=ta)
+            student, p, tp, b, r, schedule=SCHEDULE, cfg=cfg, finetuned_apply_fn=ta)
         params, _, curve = train(problem, gd, params, steps=steps, lr=1e-2, batch_size=batch,
                                  seed=5 + n_teacher)
         total += steps

@@ -659,7 +659,7 @@ def test_compute_loss_dispatch_and_jit():
             target_params=tgt,
         )
     codi, _ = codi_loss(toy_v_apply, p, tgt, batch, rng, schedule=SCHEDULE, cfg=_cfg())
-    for objective in ("codi", "pe_codi", "finetune", "cm", "gd"):
+    for objective in ("codi", "pe_codi", "finetune", "cm", "gd", "direct_cm"):
         fn = functools.partial(
             compute_loss, toy_v_apply, schedule=SCHEDULE, cfg=_cfg(objective=objective)
         )

@@ -311,12 +311,12 @@ def test_cm_and_direct_cm_optima_have_zero_loss_and_gradient(problem):
     dcm_maps = {k: _ddim_state_map(problem, np.linspace(k / n, 0.0, m_steps + 1)) for k in
                 range(1, n + 1)}
     cm = lambda p: cm_loss(ka.table_apply, p, p, teacher, batch, rng, schedule=SCHEDULE,
-                           cfg=cfg, teacher_apply_fn=APPLY)[0]
+                           cfg=cfg, finetuned_apply_fn=APPLY)[0]
     cm_frozen_target = lambda p, tgt: cm_loss(ka.table_apply, p, tgt, teacher, batch, rng,
                                               schedule=SCHEDULE, cfg=cfg,
-                                              teacher_apply_fn=APPLY)[0]
+                                              finetuned_apply_fn=APPLY)[0]
     dcm = lambda p: direct_cm_loss(ka.table_apply, p, teacher, batch, rng, schedule=SCHEDULE,
-                                   cfg=cfg, teacher_apply_fn=APPLY)[0]
+                                   cfg=cfg, finetuned_apply_fn=APPLY)[0]
     for loss, maps in ((cm, cm_maps), (dcm, dcm_maps)):
         opt = _table_with_consistency_maps(problem, maps, n, cfg.cm)
         bad = jax.tree.map(lambda a: a * 1.01, opt)

@@ -18,6 +18,7 @@ from cdd_jax.distill.codi import (
 )
 from cdd_jax.distill.config import diffusion_config, distill_config, validate_distill_config
 from cdd_jax.distill.diffusion_loss import diffusion_loss, v_space_weight
+from cdd_jax.distill.direct_cm import direct_cm_loss, teacher_ode_solve
 from cdd_jax.distill.ema import ema_decay, ema_update
 from cdd_jax.distill.objectives import Objective, compute_loss, objective_spec
 from cdd_jax.distill.sampling import (
@@ -37,6 +38,7 @@ __all__ = [
     "consistency_fn",
     "consistency_sample",
     "diffusion_loss",
+    "direct_cm_loss",
     "distance",
     "diffusion_config",
     "distill_config",
@@ -51,6 +53,7 @@ __all__ = [
     "sample_codi_times",
     "sampling_grid",
     "solver_sample",
+    "teacher_ode_solve",
     "unpack_batch",
     "v_space_weight",
     "validate_distill_config",

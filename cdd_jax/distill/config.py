@@ -8,7 +8,7 @@ from cdd_jax import config_checks as checks
 from cdd_jax.diffusion import SCHEDULES
 from cdd_jax.distill.ema import WARMUPS as EMA_WARMUPS
 
-OBJECTIVES = ("codi", "pe_codi", "finetune", "cm", "gd")
+OBJECTIVES = ("codi", "pe_codi", "finetune", "cm", "gd", "direct_cm")
 PREDICTORS = ("prev", "ddim")
 EPS_WEIGHTINGS = ("none", "min_snr", "truncated_snr")
 DIFFUSION_WEIGHTINGS = ("none", "min_snr", "truncated_snr", "snr_plus_one")
@@ -80,6 +80,11 @@ def distill_config() -> ml_collections.ConfigDict:
     c.gd = ml_collections.ConfigDict()
     c.gd.weighting = "truncated_snr"  # x-space weight: "truncated_snr" max(SNR, 1) | "none".
     c.gd.per_example_t = True  # One t per example (as in progressive distillation).
+
+    # Direct CM (distill/direct_cm.py): CM's consistency function regressed onto the fine-tuned
+    # model's M-step DDIM solve from t to cm.eps_t_min; shares the rest of the `cm` section.
+    c.direct_cm = ml_collections.ConfigDict()
+    c.direct_cm.num_teacher_steps = 32  # M: teacher DDIM steps of the target's ODE solve.
     return c
 
 
@@ -114,6 +119,7 @@ def validate_distill_config(cfg: ml_collections.ConfigDict) -> ml_collections.Co
     checks.check_keys(cfg, distill_config(), p)
     checks.choice(cfg, "objective", OBJECTIVES, prefix=p)
     checks.number(cfg, "num_grid_steps", 1, integer=True, prefix=p)
+    checks.number(cfg, "direct_cm.num_teacher_steps", 1, integer=True, prefix=p)
     if cfg.objective == "gd" and cfg.num_grid_steps % 2:
         raise ValueError(f"distill.num_grid_steps must be even for objective 'gd', "
                          f"got {cfg.num_grid_steps}")

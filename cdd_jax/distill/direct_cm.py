@@ -25,13 +25,6 @@ from cdd_jax.distill.baselines import consistency_fn
 from cdd_jax.distill.codi import ApplyFn, as_model_fn, distance, sample_codi_times, unpack_batch
 
 
-def direct_cm_config() -> ml_collections.ConfigDict:
-    """Default `distill.direct_cm` section (the rest is shared with CM through `distill.cm`)."""
-    c = ml_collections.ConfigDict()
-    c.num_teacher_steps = 32  # M: teacher DDIM steps from t down to cm.eps_t_min.
-    return c
-
-
 def teacher_ode_solve(
     model_fn, z_t: jax.Array, t: jax.Array, t_end: float, num_steps: int, schedule: Schedule
 ) -> jax.Array:
@@ -59,12 +52,12 @@ def direct_cm_loss(
     *,
     schedule: Schedule,
     cfg: ml_collections.ConfigDict,
-    teacher_apply_fn: ApplyFn | None = None,
+    finetuned_apply_fn: ApplyFn | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Direct CM loss d(f_theta(z_t, t), sg ODE_teacher(z_t, t -> t_min)).
 
     `finetuned_params`: the frozen fine-tuned conditional teacher, called with `apply_fn` (or
-    `teacher_apply_fn`) deterministically. Reads cfg.num_grid_steps, cfg.cm (scalings, distance,
+    `finetuned_apply_fn`) deterministically. Reads cfg.num_grid_steps, cfg.cm (scalings, distance,
     eps_t_min, per_example_t) and cfg.direct_cm.num_teacher_steps. Returns (loss, metrics).
     """
     x, cond = unpack_batch(batch)
@@ -77,7 +70,7 @@ def direct_cm_loss(
     z_t = add_noise(x, eps, alpha_t, sigma_t)
 
     teacher_fn = as_model_fn(
-        teacher_apply_fn or apply_fn, jax.lax.stop_gradient(finetuned_params), cond, x.shape[0]
+        finetuned_apply_fn or apply_fn, jax.lax.stop_gradient(finetuned_params), cond, x.shape[0]
     )
     # as_model_fn broadcasts a scalar t; here t is already per example, which it passes through.
     z_target = teacher_ode_solve(

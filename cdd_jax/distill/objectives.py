@@ -19,6 +19,7 @@ from cdd_jax.distill.baselines import cm_loss, gd_loss
 from cdd_jax.distill.codi import ApplyFn, codi_loss
 from cdd_jax.distill.config import OBJECTIVES
 from cdd_jax.distill.diffusion_loss import diffusion_loss
+from cdd_jax.distill.direct_cm import direct_cm_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,7 @@ _TABLE = {
     "finetune": Objective(uses_target=False, uses_finetuned=False, freeze_backbone=False),
     "cm": Objective(uses_target=True, uses_finetuned=True, freeze_backbone=False),
     "gd": Objective(uses_target=False, uses_finetuned=True, freeze_backbone=False),
+    "direct_cm": Objective(uses_target=False, uses_finetuned=True, freeze_backbone=False),
 }
 assert set(_TABLE) == set(OBJECTIVES)
 
@@ -71,4 +73,7 @@ def compute_loss(
     if objective == "cm":
         return cm_loss(apply_fn, params, target_params, finetuned_params, batch, rng,
                        schedule=schedule, cfg=cfg)
+    if objective == "direct_cm":
+        return direct_cm_loss(apply_fn, params, finetuned_params, batch, rng, schedule=schedule,
+                              cfg=cfg)
     return gd_loss(apply_fn, params, finetuned_params, batch, rng, schedule=schedule, cfg=cfg)

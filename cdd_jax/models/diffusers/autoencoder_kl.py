@@ -14,12 +14,14 @@ from cdd_jax.models.diffusers.blocks import (
     DownBlock,
     MidBlock,
     UpBlock,
-    activation,
     canonical_config,
     check_block_types,
+    reject_unsupported,
+)
+from cdd_jax.models.diffusers.layers import (
+    activation,
     conv,
     group_norm,
-    reject_unsupported,
 )
 
 Dtype = Any

@@ -12,15 +12,17 @@ import jax.numpy as jnp
 from cdd_jax.models.diffusers.blocks import (
     DownBlock,
     MidBlock,
-    TimestepEmbedding,
     UpBlock,
-    activation,
-    broadcast_timesteps,
     canonical_config,
     check_block_types,
+    reject_unsupported,
+)
+from cdd_jax.models.diffusers.layers import (
+    TimestepEmbedding,
+    activation,
+    broadcast_timesteps,
     conv,
     group_norm,
-    reject_unsupported,
     timestep_embedding,
 )
 from cdd_jax.models.layers import constrain

@@ -12,16 +12,18 @@ import jax.numpy as jnp
 from cdd_jax.models.diffusers.blocks import (
     DownBlock,
     MidBlock,
-    TimestepEmbedding,
     UpBlock,
-    activation,
-    broadcast_timesteps,
     canonical_config,
     check_block_types,
-    conv,
-    group_norm,
     per_level,
     reject_unsupported,
+)
+from cdd_jax.models.diffusers.layers import (
+    TimestepEmbedding,
+    activation,
+    broadcast_timesteps,
+    conv,
+    group_norm,
     timestep_embedding,
 )
 from cdd_jax.models.layers import constrain

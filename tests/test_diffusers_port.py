@@ -177,7 +177,7 @@ def test_import_export_import_is_bit_identical(loaded, tmp_path, name):
     out = save_diffusers(module, params, tmp_path / "export")
     module2, params2 = load_diffusers(out)
     assert module2.config == module.config
-    a, b = conv._leaves(params), conv._leaves(params2)
+    a, b = conv.flat_params(params), conv.flat_params(params2)
     assert a.keys() == b.keys()
     for k in a:
         assert np.array_equal(np.asarray(a[k]), np.asarray(b[k])), k
@@ -215,8 +215,8 @@ def test_pipeline_subfolders_and_scheduler(loaded, tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     unet, params = load_diffusers(tmp_path, subfolder="unet")
     assert isinstance(unet, UNet2DConditionModel)
-    ref = conv._leaves(loaded["unet_cond_conv"][1])
-    assert all(np.array_equal(v, ref[k]) for k, v in conv._leaves(params).items())
+    ref = conv.flat_params(loaded["unet_cond_conv"][1])
+    assert all(np.array_equal(v, ref[k]) for k, v in conv.flat_params(params).items())
     vae, _ = load_diffusers(tmp_path, subfolder="vae")
     assert vae.scaling_factor == pytest.approx(0.18215)
     sched = read_scheduler_config(tmp_path)
@@ -241,8 +241,8 @@ def test_deprecated_attention_names_are_read(loaded, tmp_path):
     assert any(".query." in k for k in renamed)
     _write_tensors(folder, renamed)
     _, params = load_diffusers(folder)
-    ref = conv._leaves(loaded["vae"][1])
-    assert all(np.array_equal(v, ref[k]) for k, v in conv._leaves(params).items())
+    ref = conv.flat_params(loaded["vae"][1])
+    assert all(np.array_equal(v, ref[k]) for k, v in conv.flat_params(params).items())
 
 
 # ---------------------------------------------------------------- bad input
@@ -334,7 +334,7 @@ def test_full_size_configs_convert_shape_complete(name):
         x, nn.LogicallyPartitioned))}  # every parameter carries the house's logical axes
     assert names == {("conv_h", "conv_w", "channels_in", "channels_out"),
                      ("channels_in", "channels_out"), ("channels_out",), ("norm",)}
-    abstract = conv._leaves(nn.unbox(boxed))
+    abstract = conv.flat_params(nn.unbox(boxed))
     exported = conv.expected_tensors(module)  # the exporter's mapping
     imported = {conv.flax_path(k, len(s)): conv.to_flax_layout(np.empty(s, np.uint8)).shape
                 for k, s in exported.items()}  # the importer's mapping back

@@ -92,7 +92,8 @@ def torch_shape(flax_shape: tuple) -> tuple:
     return tuple(to_torch_layout(np.empty(flax_shape, np.uint8)).shape)
 
 
-def _leaves(tree) -> dict[tuple[str, ...], Any]:
+def flat_params(tree) -> dict[tuple[str, ...], Any]:
+    """{("down_blocks_0", "resnets_0", "conv1", "kernel"): leaf, ...} of a params tree."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {tuple(k.key for k in path): v for path, v in flat}
 
@@ -110,7 +111,7 @@ def expected_tensors(module: nn.Module) -> dict[str, tuple]:
 
 @functools.lru_cache(maxsize=32)
 def _expected_tensors(cls, config_json: str) -> tuple:
-    leaves = _leaves(nn.unbox(abstract_params(cls(config_json))))  # shapes: dtype-independent
+    leaves = flat_params(nn.unbox(abstract_params(cls(config_json))))  # shapes: dtype-independent
     return tuple((torch_name(p), torch_shape(v.shape)) for p, v in leaves.items())
 
 
@@ -264,7 +265,7 @@ def save_diffusers(module: nn.Module, params: dict, out_dir: str | os.PathLike) 
     params = nn.unbox(params)
     if set(params) == {"params"}:
         params = params["params"]
-    leaves = _leaves(params)
+    leaves = flat_params(params)
     tensors = {torch_name(p): to_torch_layout(np.asarray(v)) for p, v in leaves.items()}
     check_tensors(expected_tensors(module), {k: v.shape for k, v in tensors.items()},
                   "the parameters to export")

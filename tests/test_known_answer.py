@@ -23,7 +23,7 @@ from cdd_jax.distill import (
     codi_loss,
     diffusion_loss,
     few_step_sample,
-    teacher_sample,
+    solver_sample,
 )
 from cdd_jax.distill.direct_cm import direct_cm_loss, teacher_ode_solve
 
@@ -123,7 +123,7 @@ def test_ddim_1000_steps_of_the_exact_teacher_matches_the_exact_ode_map(problem)
     errs = {}
     for name, params in (("uncond", problem.teacher), ("cond", problem.exact_conditional)):
         for k in (500, 1000):
-            x = teacher_sample(APPLY, params, batch["cond"], rng, schedule=SCHEDULE,
+            x = solver_sample(APPLY, params, batch["cond"], rng, schedule=SCHEDULE,
                                num_steps=k, shape=shape)
             errs[name, k] = _rel(x, exact[name])
     assert errs["uncond", 1000] < 2.5e-3 and errs["cond", 1000] < 2.5e-3, errs

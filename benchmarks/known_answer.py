@@ -213,9 +213,9 @@ def pe_apply_fn(backbone: dict, apply_fn=table_apply):
     """PE-CoDi's affine student: the frozen backbone W(t) z + b(t) (the teacher's z path) plus
     the trainable condition path U(t) c + b_a(t) (zero at init): only the mean can move."""
 
-    def pe_apply(adapter, z, t, cond, rng=None):
-        return apply_fn({"W": backbone["W"], "U": adapter["U"],
-                         "b": backbone["b"] + adapter["b"]}, z, t, cond, rng)
+    def pe_apply(control, z, t, cond, rng=None):
+        return apply_fn({"W": backbone["W"], "U": control["U"],
+                         "b": backbone["b"] + control["b"]}, z, t, cond, rng)
 
     return pe_apply
 
@@ -456,9 +456,9 @@ def run(quick: bool = False) -> dict:
         add_rows(name, x_predictor(student, target))
     cfg = codi_cfg()
     pe = pe_apply_fn(teacher_table, student)
-    adapter0 = {"U": jnp.zeros_like(teacher_table["U"]), "b": jnp.zeros_like(teacher_table["b"])}
+    control0 = {"U": jnp.zeros_like(teacher_table["U"]), "b": jnp.zeros_like(teacher_table["b"])}
     _, target, curve = train(problem, functools.partial(codi_loss, pe, schedule=SCHEDULE, cfg=cfg),
-                             adapter0, steps=steps, lr=1e-2, batch_size=batch, seed=2,
+                             control0, steps=steps, lr=1e-2, batch_size=batch, seed=2,
                              target_ema=cfg.target_ema)
     record("pe_codi", curve, steps)
     add_rows("pe_codi", x_predictor(pe, target))

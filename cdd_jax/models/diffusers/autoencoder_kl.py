@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 
 from cdd_jax.models.diffusers.blocks import (
+    DiffusersModel,
     DownBlock,
     MidBlock,
     UpBlock,
-    canonical_config,
     check_block_types,
     reject_unsupported,
 )
@@ -117,27 +117,15 @@ class Decoder(nn.Module):
         return conv(cfg["out_channels"], name="conv_out", dtype=self.dtype)(h)
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(DiffusersModel):
     """`apply(v, x, method="encode") -> DiagonalGaussian`; `apply(v, z, method="decode") -> x`.
 
     Images and latents are NHWC; latents here are unscaled (multiply by `scaling_factor` for the
     diffusion model's units, as diffusers pipelines do). `__call__` encodes then decodes.
     """
 
-    config_json: str
-    dtype: Dtype = jnp.float32
-    remat: bool = False
-
-    @classmethod
-    def from_config(cls, config: dict, *, dtype: Dtype = jnp.float32,
-                    remat: bool = False) -> AutoencoderKL:
-        canon = canonical_config("AutoencoderKL", DEFAULTS, config)
-        validate(json.loads(canon))
-        return cls(canon, dtype, remat)
-
-    @property
-    def config(self) -> dict:
-        return json.loads(self.config_json)
+    DEFAULTS = DEFAULTS
+    validate = staticmethod(validate)
 
     @property
     def scaling_factor(self) -> float:

@@ -160,3 +160,24 @@ class MidBlock(BlockAttention):
         if self.attn is not None:
             h = self.attention(h, context, "attentions_0")
         return self.resnet(c, "resnets_1")(h, temb, deterministic)
+
+
+class DiffusersModel(nn.Module):
+    """A port built from a diffusers `config.json` and carrying it (`config_json`, canonical JSON
+    with diffusers' defaults filled in) so it can be exported again. Subclasses set `DEFAULTS`
+    (diffusers' `__init__` defaults) and `validate` (rejects what the port does not support)."""
+
+    config_json: str
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict, *, dtype: Dtype = jnp.float32, remat: bool = False):
+        canon = canonical_config(cls.__name__, cls.DEFAULTS, config)
+        cls.validate(json.loads(canon))
+        return cls(canon, dtype, remat)
+
+    @property
+    def config(self) -> dict:
+        return json.loads(self.config_json)
+

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import flax.linen as nn
@@ -10,10 +9,10 @@ import jax
 import jax.numpy as jnp
 
 from cdd_jax.models.diffusers.blocks import (
+    DiffusersModel,
     DownBlock,
     MidBlock,
     UpBlock,
-    canonical_config,
     check_block_types,
     reject_unsupported,
 )
@@ -67,27 +66,15 @@ def validate(cfg: dict) -> None:
                          "the same length")
 
 
-class UNet2DModel(nn.Module):
+class UNet2DModel(DiffusersModel):
     """`apply({'params': p}, sample, timesteps) -> prediction`, NHWC in and out.
 
     `timesteps`: scalar or [B], in the checkpoint's units (0..num_train_timesteps). Built from a
     diffusers config with `from_config`; `config_json` carries that config for export.
     """
 
-    config_json: str
-    dtype: Dtype = jnp.float32
-    remat: bool = False
-
-    @classmethod
-    def from_config(cls, config: dict, *, dtype: Dtype = jnp.float32,
-                    remat: bool = False) -> UNet2DModel:
-        canon = canonical_config("UNet2DModel", DEFAULTS, config)
-        validate(json.loads(canon))
-        return cls(canon, dtype, remat)
-
-    @property
-    def config(self) -> dict:
-        return json.loads(self.config_json)
+    DEFAULTS = DEFAULTS
+    validate = staticmethod(validate)
 
     def example_inputs(self, batch: int = 1, size: int | None = None) -> tuple:
         """(sample, timesteps) of the smallest valid spatial size (or `size`), for init."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import flax.linen as nn
@@ -10,10 +9,10 @@ import jax
 import jax.numpy as jnp
 
 from cdd_jax.models.diffusers.blocks import (
+    DiffusersModel,
     DownBlock,
     MidBlock,
     UpBlock,
-    canonical_config,
     check_block_types,
     per_level,
     reject_unsupported,
@@ -96,27 +95,15 @@ def validate(cfg: dict) -> None:
         raise ValueError("nested transformer_layers_per_block is not supported by the port")
 
 
-class UNet2DConditionModel(nn.Module):
+class UNet2DConditionModel(DiffusersModel):
     """`apply({'params': p}, sample, timesteps, encoder_hidden_states) -> prediction`, NHWC.
 
     `timesteps`: scalar or [B] in checkpoint units; `encoder_hidden_states`: [B, T,
     cross_attention_dim] (e.g. CLIP text features). `config_json` carries the diffusers config.
     """
 
-    config_json: str
-    dtype: Dtype = jnp.float32
-    remat: bool = False
-
-    @classmethod
-    def from_config(cls, config: dict, *, dtype: Dtype = jnp.float32,
-                    remat: bool = False) -> UNet2DConditionModel:
-        canon = canonical_config("UNet2DConditionModel", DEFAULTS, config)
-        validate(json.loads(canon))
-        return cls(canon, dtype, remat)
-
-    @property
-    def config(self) -> dict:
-        return json.loads(self.config_json)
+    DEFAULTS = DEFAULTS
+    validate = staticmethod(validate)
 
     def example_inputs(self, batch: int = 1, size: int | None = None, tokens: int = 1) -> tuple:
         """(sample, timesteps, encoder_hidden_states) of the smallest valid size, for init."""

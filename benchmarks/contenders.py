@@ -32,7 +32,10 @@ def make_config(kind: str, variant: str = "default", batch_size: int | None = No
     ch_mult (1, 1, 2, 2, 4, 4), 2 res blocks, attention at 16 px, at 256 px crops, batch 16, on the
     bundled photos; 159 M parameters with the control encoder; float32 unless `dtype` is
     overridden, no remat) or "tiny" (the presets' test config, for checking the scripts in
-    seconds)."""
+    seconds).
+
+    The U-Net is the "cdd" family: the PyTorch peer (`benchmarks/peer_torch.py`) mirrors it
+    layer for layer, so the comparison is at equal architecture (`model.family` overrides)."""
     from cdd_jax.config.presets import pretrain_config, sr_config
 
     if kind not in KINDS:
@@ -41,6 +44,7 @@ def make_config(kind: str, variant: str = "default", batch_size: int | None = No
         raise ValueError(f"unknown model variant {variant!r}; valid: {VARIANTS}")
     preset_of = pretrain_config if kind == "pretrain" else sr_config
     config = preset_of("tiny" if variant == "tiny" else "default")
+    config.model.family = "cdd"
     if variant == "large":
         config.model.ch = 64
         config.model.ch_mult = (1, 2, 2)
@@ -96,12 +100,14 @@ def codi_job(config, batch: dict):
     gates) are dropped, so the step starts from the random init as the benchmark always has."""
     import jax
 
-    from cdd_jax.models.unet import UNet, init_params
+    from cdd_jax.models.backbone import backbone_from_config
+    from cdd_jax.models.unet import init_params
     from cdd_jax.parallel.sharding import unbox
     from cdd_jax.stages.distill import distill_job
 
-    teacher = unbox(init_params(UNet.from_config(config.model), jax.random.key(config.seed),
-                                config.data.crop_size))
+    size = config.data.crop_size
+    teacher = unbox(init_params(backbone_from_config(config.model, size),
+                                jax.random.key(config.seed), size))
     probe = {k: v[:1] for k, v in batch.items()}
     job, _, _ = distill_job(config, teacher, probe)
     return dataclasses.replace(job, initial_params=None)

@@ -91,7 +91,8 @@ def training_run(steps: int, log_every: int, num_workers: int, workdir: str) -> 
     import jax
 
     from cdd_jax.config.presets import sr_config
-    from cdd_jax.models.unet import UNet, init_params
+    from cdd_jax.models.backbone import backbone_from_config
+    from cdd_jax.models.unet import init_params
     from cdd_jax.parallel.sharding import unbox
     from cdd_jax.stages.distill import distill
     from cdd_jax.stages.sr import make_sr_eval_set
@@ -105,7 +106,8 @@ def training_run(steps: int, log_every: int, num_workers: int, workdir: str) -> 
     config.data.num_eval_crops = config.evaluate.batch_size
     size = config.data.crop_size
     teacher = unbox(
-        jax.jit(lambda r: init_params(UNet.from_config(config.model), r, size))(jax.random.key(0))
+        jax.jit(lambda r: init_params(backbone_from_config(config.model, size), r, size))(
+            jax.random.key(0))
     )
     eval_set = make_sr_eval_set(config)
     t0 = time.perf_counter()

@@ -22,6 +22,7 @@ from cdd_jax.parallel.mesh import configure_cpu_devices
 from cdd_jax.stages.pretrain import pretrain
 from cdd_jax.stages.sr import run_sr
 from cdd_jax.stages.table1 import run_table1
+from cdd_jax.stages.teacher import resolve_teacher
 
 STAGE_RUNNERS = {"pretrain": pretrain, "sr": run_sr, "table1": run_table1}
 
@@ -50,6 +51,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     # First: JAX's backends must not have started (validation's mesh check starts them).
     configure_cpu_devices(config.mesh.get("num_cpu_devices", 0), config.data.batch_size)
     validate_config(config)
+    if "teacher" in config:
+        resolve_teacher(config)  # a diffusers teacher's architecture and units into config.model
     check_workdir(workdir)
     assert_same_config_across_processes(config)
     jax.config.update("jax_threefry_partitionable", True)

@@ -33,7 +33,8 @@ from clu import metric_writers
 
 import cdd_jax
 from cdd_jax.config.presets import pretrain_config, sr_config
-from cdd_jax.models.unet import UNet, init_params
+from cdd_jax.models.backbone import backbone_from_config
+from cdd_jax.models.unet import init_params
 from cdd_jax.parallel.sharding import logical_state_shardings, unbox
 from cdd_jax.stages import distill as distill_stage
 from cdd_jax.stages import pretrain as pretrain_stage
@@ -214,7 +215,7 @@ def _random_teacher(tmp_path_factory) -> str:
     path = tmp_path_factory.getbasetemp() / "random_teacher"
     if not path.exists():
         model_cfg = sr_config("tiny").model
-        model = UNet.from_config(model_cfg)
+        model = backbone_from_config(model_cfg, sr_config("tiny").data.crop_size)
         params = unbox(init_params(model, jax.random.key(42), sr_config("tiny").data.crop_size))
         leaves, treedef = jax.tree.flatten(params)
         keys = jax.random.split(jax.random.key(43), len(leaves))

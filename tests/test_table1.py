@@ -23,8 +23,9 @@ from cdd_jax.distill.diffusion_loss import diffusion_loss
 from cdd_jax.distill.objectives import compute_loss
 from cdd_jax.evaluate import table1 as table1_eval
 from cdd_jax.models.apply import conditional_apply_fn, unet_apply_fn
+from cdd_jax.models.backbone import backbone_from_config, model_config, timestep_scale
 from cdd_jax.models.control import ConditionalUNet, control_config, init_from_teacher
-from cdd_jax.models.unet import UNet, init_params, model_config
+from cdd_jax.models.unet import init_params
 from cdd_jax.parallel.sharding import unbox
 from cdd_jax.stages import table1
 from cdd_jax.stages.teacher import SHIPPED_TEACHER
@@ -45,8 +46,8 @@ def test_finetune_reduces_to_the_pretraining_loss_when_the_gates_are_zero(gate):
     size, batch = 16, 4
     mcfg, ccfg = _tiny_model_cfg(), control_config()
     ccfg.gate, ccfg.cond_embed_ch = gate, (8,)
-    unet = UNet.from_config(mcfg)
-    model = ConditionalUNet.from_config(mcfg, ccfg)
+    unet = backbone_from_config(mcfg, size)
+    model = ConditionalUNet.from_config(mcfg, ccfg, image_size=size)
     # A teacher whose output is not zero (the fresh U-Net's output conv is zero-initialised).
     teacher = unbox(init_params(unet, jax.random.key(0), size))
     leaves, tree = jax.tree.flatten(teacher)
@@ -74,7 +75,8 @@ def test_finetune_reduces_to_the_pretraining_loss_when_the_gates_are_zero(gate):
         )[0]
 
     def uncond_loss(p):
-        return diffusion_loss(unet_apply_fn(unet), p, {"image": x}, rng, schedule=schedule)[0]
+        return diffusion_loss(unet_apply_fn(unet, timestep_scale(mcfg)), p, {"image": x}, rng,
+                              schedule=schedule)[0]
 
     l_cond, g_cond = jax.jit(jax.value_and_grad(cond_loss))(cond_params)
     l_unc, g_unc = jax.jit(jax.value_and_grad(uncond_loss))(teacher)

@@ -14,7 +14,8 @@ from cdd_jax.config.validate import validate_config
 from cdd_jax.data.degradations import SRPairTransform
 from cdd_jax.data.pipeline import build_train_dataset, make_eval_set
 from cdd_jax.distill.ema import ema_decay
-from cdd_jax.models.unet import UNet, init_params
+from cdd_jax.models.backbone import backbone_from_config
+from cdd_jax.models.unet import init_params
 from cdd_jax.parallel.sharding import unbox
 from cdd_jax.stages.distill import distill_job
 from cdd_jax.stages.pretrain import pretrain_job
@@ -83,7 +84,7 @@ def test_nonfinite_batch_skips_the_update_and_is_counted(pretrain_setup):
 
 
 def _tiny_teacher(config, seed=0):
-    model = UNet.from_config(config.model)
+    model = backbone_from_config(config.model, config.data.crop_size)
     params = unbox(init_params(model, jax.random.key(seed), config.data.crop_size))
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))

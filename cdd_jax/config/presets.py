@@ -18,8 +18,8 @@ from cdd_jax.data.degradations import degradation_config
 from cdd_jax.distill.config import diffusion_config, distill_config, ema_config
 from cdd_jax.evaluate.sr import evaluate_config
 from cdd_jax.evaluate.table1 import table1_section
+from cdd_jax.models.backbone import model_config
 from cdd_jax.models.control import control_config
-from cdd_jax.models.unet import model_config
 from cdd_jax.parallel.config import mesh_config
 from cdd_jax.stages.teacher import teacher_config
 from cdd_jax.train.config import optim_config, train_config

@@ -20,8 +20,8 @@ from cdd_jax.distill.config import (
 )
 from cdd_jax.evaluate.sr import validate_evaluate_config
 from cdd_jax.evaluate.table1 import validate_table1_config
+from cdd_jax.models.backbone import validate_model_config
 from cdd_jax.models.control import validate_control_config
-from cdd_jax.models.unet import validate_model_config
 from cdd_jax.parallel.config import validate_mesh_config
 from cdd_jax.parallel.mesh import check_mesh_config
 from cdd_jax.stages.teacher import validate_teacher_config

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cdd_jax.models.diffusers import MODEL_CLASSES, from_config
+from cdd_jax.models.diffusers.blocks import canonical_config
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
@@ -134,6 +135,15 @@ def check_tensors(expected: dict[str, tuple], found: dict[str, tuple], where: st
         raise ValueError(f"{where} does not match the port: " + "; ".join(problems))
 
 
+def canonical_json(config: dict) -> str:
+    """A diffusers model config as canonical JSON (defaults filled in, private keys dropped), so
+    that two configs describing the same architecture compare equal as text."""
+    name = config.get("_class_name", "UNet2DModel")
+    if name not in MODEL_CLASSES:
+        raise ValueError(f"unsupported diffusers model class {name!r}")
+    return canonical_config(name, MODEL_CLASSES[name].DEFAULTS, config)
+
+
 # ---------------------------------------------------------------- locating a model folder
 
 
@@ -141,6 +151,13 @@ def _snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
     from huggingface_hub import snapshot_download
 
     return snapshot_download(repo_id, allow_patterns=allow_patterns)
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """True for "name" or "owner/name" that is not written as a local path."""
+    text = str(text)
+    local = os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1
+    return not local and bool(_HUB_ID.fullmatch(text))
 
 
 def resolve(path: str | os.PathLike, allow_patterns: list[str]) -> Path:
@@ -151,8 +168,7 @@ def resolve(path: str | os.PathLike, allow_patterns: list[str]) -> Path:
         if not local.is_dir():
             raise ValueError(f"{text} is a file; expected a diffusers model or pipeline folder")
         return local
-    looks_local = os.path.isabs(text) or text.startswith(".") or text.count("/") > 1
-    if looks_local or not _HUB_ID.fullmatch(text):
+    if not looks_like_hub_id(text):
         raise ValueError(f"no such directory: {text} (and it is not a Hugging Face hub id)")
     try:
         return Path(_snapshot_download(text, allow_patterns))

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
+from cdd_jax.models.backbone import Backbone
 from cdd_jax.models.control import ConditionalUNet
-from cdd_jax.models.unet import UNet
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array, Any, Any], jax.Array]
 
@@ -21,12 +22,14 @@ def _mode(rng) -> dict:
     return dict(train=rng is not None, rngs={"dropout": rng} if rng is not None else {})
 
 
-def unet_apply_fn(model: UNet) -> ApplyFn:
-    """The unconditional U-Net; `cond` is ignored."""
+def unet_apply_fn(model: Backbone, timestep_scale: float = 1.0) -> ApplyFn:
+    """The unconditional U-Net; `cond` is ignored. Its time input is t * `timestep_scale`
+    (`cdd_jax.models.backbone.timestep_scale`)."""
 
     def apply_fn(params, z, t, cond, rng):
         del cond
-        return model.apply({"params": params}, z, t, **_mode(rng))
+        t_net = t if timestep_scale == 1.0 else jnp.asarray(t, jnp.float32) * timestep_scale
+        return model.apply({"params": params}, z, t_net, **_mode(rng))
 
     return apply_fn
 

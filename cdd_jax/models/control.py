@@ -1,12 +1,14 @@
-"""The conditional network: the pretrained U-Net plus the control encoder, a duplicated and gated
-copy of its encoder.
+"""The conditional network: the pretrained U-Net (either family of `cdd_jax.models.backbone`)
+plus the control encoder, a duplicated and gated copy of its encoder.
 
 Paper eq. 10: h'_l = h_l(z_t) + mu_l * h^c_l(z_t, c), with mu_l = 0 at initialisation, so the
 conditional network computes exactly the unconditional teacher until the gates open.
 
 Parameter tree (top level):
     unet/     the teacher's parameters (frozen in PE-CoDi)
-    control/  time_embed, encoder, middle   (copies of the teacher's, see `init_from_teacher`)
+    control/  the encoder half of the teacher, under the teacher's own names (copied from it, see
+              `init_from_teacher`): time_embed, encoder, middle ("cdd" family) or
+              time_embedding, conv_in, down_blocks_*, mid_block ("unet2d")
               cond_embed                     (small conv stack for the condition, zero-init output)
               gate_skip_{i}, gate_middle     (scalar mu per level, or zero-init 1x1 convs)
               input_gate                     (optional zero-init conv: condition -> main input)
@@ -23,8 +25,14 @@ import ml_collections
 
 from cdd_jax import config_checks as checks
 from cdd_jax.diffusion import get_schedule
-from cdd_jax.models.layers import Conv, TimeEmbedding
-from cdd_jax.models.unet import Encoder, Middle, UNet
+from cdd_jax.models.backbone import (
+    Backbone,
+    backbone_from_config,
+    base_width,
+    encoder_features,
+    timestep_scale,
+)
+from cdd_jax.models.layers import Conv
 
 Dtype = Any
 
@@ -120,7 +128,7 @@ class CondEmbedder(nn.Module):
 class ControlEncoder(nn.Module):
     """The duplicated encoder: sees z_t and the condition, returns gated residuals."""
 
-    unet: UNet
+    unet: Backbone
     gate: str = "conv1x1"
     cond_embed_ch: tuple[int, ...] = (16, 32)
     input_gate: bool = True
@@ -133,25 +141,24 @@ class ControlEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, z_t, t, cond, train: bool):
+        """`t`: the backbone's own time input."""
         u = self.unet
-        c_emb = CondEmbedder(u.ch, self.cond_embed_ch, self.cond_embed_zero_init, u.dtype,
+        width = base_width(u)
+        c_emb = CondEmbedder(width, self.cond_embed_ch, self.cond_embed_zero_init, u.dtype,
                              name="cond_embed")(cond)
-        emb = TimeEmbedding(u.ch, u.dtype, name="time_embed")(t)
-        skips = Encoder(**u.encoder_kwargs(), name="encoder")(z_t.astype(u.dtype), emb, train,
-                                                             c_emb)
-        mid = Middle(**u.middle_kwargs(), name="middle")(skips[-1], emb, train)
+        skips, mid = encoder_features(u, z_t, t, train=train, input_residual=c_emb)
         skip_res = [self._gate(h, f"gate_skip_{i}") for i, h in enumerate(skips)]
         mid_res = self._gate(mid, "gate_middle")
         input_res = None
         if self.input_gate:
-            input_res = Conv(u.ch, zero_init=True, dtype=u.dtype, name="input_gate")(c_emb)
+            input_res = Conv(width, zero_init=True, dtype=u.dtype, name="input_gate")(c_emb)
         return skip_res, mid_res, input_res
 
 
 class ConditionalUNet(nn.Module):
     """`apply({'params': p}, z_t, t, cond, train=False) -> v_hat`."""
 
-    unet: UNet
+    unet: Backbone
     gate: str = "conv1x1"
     cond_embed_ch: tuple[int, ...] = (16, 32)
     input_gate: bool = True
@@ -159,13 +166,17 @@ class ConditionalUNet(nn.Module):
     anchor_precision: float = 0.0
     anchor_factor: int = 4
     schedule: str = "cosine"  # Noise schedule name; only read by the low-frequency anchor.
+    timestep_scale: float = 1.0  # Backbone time input per unit of t (`backbone.timestep_scale`).
 
     @classmethod
-    def from_config(cls, model_cfg, control_cfg, schedule: str = "cosine") -> ConditionalUNet:
-        """`schedule`: the diffusion schedule's name (config.diffusion.schedule)."""
+    def from_config(cls, model_cfg, control_cfg, schedule: str = "cosine", *,
+                    image_size: int) -> ConditionalUNet:
+        """`schedule`: the diffusion schedule's name (config.diffusion.schedule); `image_size`:
+        the training crop size (fixes a "unet2d" backbone's block types)."""
         validate_control_config(control_cfg)
         return cls(
-            unet=UNet.from_config(model_cfg),
+            unet=backbone_from_config(model_cfg, image_size),
+            timestep_scale=timestep_scale(model_cfg),
             gate=control_cfg.gate,
             cond_embed_ch=tuple(control_cfg.cond_embed_ch),
             input_gate=bool(control_cfg.input_gate),
@@ -183,11 +194,12 @@ class ConditionalUNet(nn.Module):
                 f"z_t {tuple(z_t.shape)}; got {None if cond is None else tuple(cond.shape)}"
             )
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (z_t.shape[0],))
+        t_net = t if self.timestep_scale == 1.0 else t * self.timestep_scale
         control = ControlEncoder(self.unet.clone(parent=None), self.gate, self.cond_embed_ch,
                                  self.input_gate, self.cond_embed_zero_init, name="control")
-        skip_res, mid_res, input_res = control(z_t, t, cond, train)
-        v_hat = self.unet(z_t, t, train, skip_residuals=skip_res, middle_residual=mid_res,
-                          input_residual=input_res)
+        skip_res, mid_res, input_res = control(z_t, t_net, cond, train)
+        v_hat = self.unet(z_t, t_net, train=train, skip_residuals=skip_res,
+                          middle_residual=mid_res, input_residual=input_res)
         if self.anchor_precision > 0:
             v_hat = anchor_low_frequencies(v_hat, z_t, t, cond,
                                            schedule=get_schedule(self.schedule),
@@ -206,7 +218,7 @@ def init_from_teacher(cond_params: dict, teacher_params: dict) -> dict:
     check_same_structure(teacher_params, cond_params["unet"], "teacher", "model.unet")
     cond_params["unet"] = teacher_params
     control = dict(cond_params["control"])
-    for part in ("time_embed", "encoder", "middle"):
+    for part in sorted(set(control) & set(teacher_params)):  # the duplicated encoder half
         check_same_structure(teacher_params[part], control[part], f"teacher/{part}",
                              f"control/{part}")
         control[part] = teacher_params[part]

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cdd_jax import config_checks as checks
 from cdd_jax.models.layers import (
     AttnBlock,
     Conv,
@@ -35,21 +34,6 @@ from cdd_jax.models.layers import (
 )
 
 Dtype = Any
-
-
-def model_config() -> ml_collections.ConfigDict:
-    """Default U-Net hyperparameters (the CPU-scale teacher)."""
-    c = ml_collections.ConfigDict()
-    c.ch = 32  # Base channel width.
-    c.ch_mult = (1, 2, 2)  # Width multiplier per resolution stage (one downsample between stages).
-    c.num_res_blocks = 1  # Residual blocks per stage in the encoder (decoder uses one more).
-    c.attn_resolutions = (8,)  # Spatial sizes (pixels) at which self-attention is applied.
-    c.dropout = 0.0  # Dropout rate inside residual blocks (training only).
-    c.num_groups = 8  # GroupNorm groups (reduced automatically for narrow layers).
-    c.head_dim = 32  # Channels per attention head.
-    c.dtype = "float32"  # Compute dtype ("float32" or "bfloat16"); parameters stay float32.
-    c.remat = False  # Rematerialise residual blocks in the backward pass (saves memory).
-    return c
 
 
 def _resblock_cls(remat: bool):
@@ -187,22 +171,8 @@ class UNet(nn.Module):
         return out.astype(jnp.float32)
 
 
-def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
-    """Raises ValueError/TypeError naming the first bad `model` field."""
-    checks.check_keys(cfg, model_config(), "model.")
-    for key in ("ch", "num_res_blocks", "num_groups", "head_dim"):
-        checks.number(cfg, key, 1, integer=True, prefix="model.")
-    checks.positive_ints(cfg, "ch_mult", prefix="model.")
-    if tuple(cfg.attn_resolutions):
-        checks.positive_ints(cfg, "attn_resolutions", prefix="model.")
-    checks.number(cfg, "dropout", 0, 1, hi_open=True, prefix="model.")
-    checks.choice(cfg, "dtype", ("float32", "bfloat16"), prefix="model.")
-    checks.boolean(cfg, "remat", prefix="model.")
-
-
 def unet_kwargs(cfg: ml_collections.ConfigDict) -> dict:
-    """Validated keyword arguments for `UNet` from a `model_config()` section."""
-    validate_model_config(cfg)
+    """Keyword arguments for `UNet` from a `model` section (`cdd_jax.models.backbone`)."""
     return dict(
         ch=int(cfg.ch),
         ch_mult=tuple(int(m) for m in cfg.ch_mult),

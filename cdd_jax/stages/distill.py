@@ -26,7 +26,8 @@ PyTree = Any
 
 def conditional_model(config: ml_collections.ConfigDict) -> tuple[ConditionalUNet, ApplyFn]:
     """The conditional network of `config` and its apply_fn."""
-    model = ConditionalUNet.from_config(config.model, config.control, config.diffusion.schedule)
+    model = ConditionalUNet.from_config(config.model, config.control, config.diffusion.schedule,
+                                        image_size=config.data.crop_size)
     return model, conditional_apply_fn(model)
 
 

@@ -1,5 +1,6 @@
 """Stage 1: unconditional v-prediction pretraining of the teacher U-Net, exported to
-<workdir>/export (EMA params + model config)."""
+<workdir>/export: a diffusers pipeline folder for the "unet2d" family
+(`cdd_jax.convert.pipeline`), an Orbax params folder + metadata.json for "cdd"."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cdd_jax.convert.pipeline import save_pipeline, scheduler_config
 from cdd_jax.data.pipeline import build_train_dataset, make_eval_set
 from cdd_jax.diffusion import Schedule, get_schedule, sample
 from cdd_jax.distill.diffusion_loss import diffusion_loss
 from cdd_jax.evaluate.figures import tile_images
 from cdd_jax.models.apply import ApplyFn, unet_apply_fn
-from cdd_jax.models.unet import UNet, init_params
-from cdd_jax.parallel.distributed import to_host
+from cdd_jax.models.backbone import backbone_from_config, timestep_scale
+from cdd_jax.models.unet import init_params
+from cdd_jax.parallel.distributed import barrier, to_host
 from cdd_jax.train.checkpoint import export_params
 from cdd_jax.train.job import Job
 from cdd_jax.train.loop import train
@@ -47,10 +50,10 @@ def heldout_denoising_loss(apply_fn: ApplyFn, schedule: Schedule, images: np.nda
 
 def pretrain_job(config: ml_collections.ConfigDict) -> tuple[Job, Any]:
     """The unconditional pretraining Job and a jitted held-out loss fn(params) -> v-MSE."""
-    model = UNet.from_config(config.model)
-    apply_fn = unet_apply_fn(model)
-    schedule = get_schedule(config.diffusion.schedule)
     size = config.data.crop_size
+    model = backbone_from_config(config.model, size)
+    apply_fn = unet_apply_fn(model, timestep_scale(config.model))
+    schedule = get_schedule(config.diffusion.schedule)
     heldout = heldout_denoising_loss(apply_fn, schedule,
                                      make_eval_set(config.data, task="pretrain")["image"])
 
@@ -95,7 +98,24 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> tuple[PyTree, d
         "steps": int(state.step),
         "heldout_vloss_ema": float(heldout(state.ema_params)),
     }
-    export_params(os.path.join(workdir, "export"), params, meta)
-    logging.info("exported teacher to %s: %s", os.path.join(workdir, "export"),
-                 json.dumps(meta, sort_keys=True))
+    out = os.path.join(workdir, "export")
+    export_teacher(out, params, config, meta)
+    logging.info("exported teacher to %s: %s", out, json.dumps(meta, sort_keys=True))
     return params, meta
+
+
+def export_teacher(out: str, params: PyTree, config: ml_collections.ConfigDict,
+                   meta: dict) -> None:
+    """Writes a teacher's params where `teacher.checkpoint` can read them: a diffusers pipeline
+    folder ("unet2d": the UNet2DModel, its scheduler, `meta` as cdd_jax.json) or an Orbax
+    params folder with metadata.json ("cdd"). Every process calls it."""
+    if config.model.family == "cdd":
+        export_params(out, params, meta)
+        return
+    if jax.process_index() == 0:
+        module = backbone_from_config(config.model, config.data.crop_size)
+        save_pipeline(out, module, jax.device_get(params),
+                      scheduler=scheduler_config(config.diffusion.schedule,
+                                                 config.model.num_train_timesteps),
+                      metadata=meta)
+    barrier("cdd_jax:export_teacher")

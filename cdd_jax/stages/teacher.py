@@ -1,11 +1,15 @@
 """The unconditional teacher of a distillation job: the `teacher` config section and its loading.
 
 The teacher is the pretrained *unconditional* U-Net that CoDi starts from (the fine-tuned
-conditional model that CM-II / GD-II distil is called `finetuned` everywhere).
+conditional model that CM-II / GD-II distil is called `finetuned` everywhere). It comes from
+`teacher.checkpoint`: a diffusers model or pipeline folder (or hub id) holding a `UNet2DModel`,
+read by `cdd_jax.convert` (the shipped teacher is one), or an Orbax params folder / pretraining
+workdir written by cdd_jax; or it is pretrained in the job's workdir.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -13,6 +17,9 @@ from typing import Any
 import ml_collections
 
 from cdd_jax import config_checks as checks
+from cdd_jax.convert import pipeline
+from cdd_jax.convert.diffusers import canonical_json, load_diffusers
+from cdd_jax.models.backbone import unet2d_config
 from cdd_jax.stages.pretrain import pretrain
 from cdd_jax.train.checkpoint import load_params
 
@@ -26,7 +33,8 @@ def teacher_config(pretrain: ml_collections.ConfigDict, *,
                    shipped: bool) -> ml_collections.ConfigDict:
     """The `teacher` section; `pretrain`: the pretraining job used when no checkpoint is given."""
     c = ml_collections.ConfigDict()
-    # Teacher checkpoint: an exported params dir, a pretraining workdir or its checkpoints/ dir.
+    # Teacher checkpoint: a diffusers UNet2DModel model/pipeline folder or hub id, a cdd_jax
+    # exported params dir, a pretraining workdir or its checkpoints/ dir.
     # Empty: pretrain one with `teacher.pretrain` in <workdir>/teacher (reused if already there).
     c.checkpoint = SHIPPED_TEACHER if shipped else ""
     c.pretrain = pretrain
@@ -36,8 +44,10 @@ def teacher_config(pretrain: ml_collections.ConfigDict, *,
 def validate_teacher_config(cfg: ml_collections.ConfigDict) -> None:
     if not isinstance(cfg.checkpoint, str):
         raise TypeError(f"teacher.checkpoint must be a path (str), got {cfg.checkpoint!r}")
-    if cfg.checkpoint and not os.path.exists(cfg.checkpoint):
-        raise FileNotFoundError(f"teacher.checkpoint {cfg.checkpoint!r} does not exist")
+    if (cfg.checkpoint and not os.path.exists(os.path.expanduser(cfg.checkpoint))
+            and not pipeline.is_diffusers_folder(cfg.checkpoint)):
+        raise FileNotFoundError(f"teacher.checkpoint {cfg.checkpoint!r} does not exist (and is "
+                                "not a Hugging Face hub id)")
     checks.choice(cfg.pretrain, "stage", ("pretrain",), prefix="teacher.pretrain.")
 
 
@@ -50,7 +60,9 @@ def check_teacher_matches(path: str, meta: dict, model_cfg: ml_collections.Confi
     def plain(d):
         return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
 
-    saved, wanted = plain(meta["model"]), plain(model_cfg.to_dict())
+    saved = {"family": "cdd", "diffusers_config": "", "num_train_timesteps": 1000,
+             **plain(meta["model"])}  # checkpoints from before the families existed
+    wanted = plain(model_cfg.to_dict())
     diff = {k: (saved.get(k), wanted.get(k)) for k in set(saved) | set(wanted)
             if k not in _RUNTIME_MODEL_KEYS and saved.get(k) != wanted.get(k)}
     if diff:
@@ -60,18 +72,75 @@ def check_teacher_matches(path: str, meta: dict, model_cfg: ml_collections.Confi
                         for k, (a, b) in sorted(diff.items())))
 
 
+def resolve_teacher(config: ml_collections.ConfigDict) -> None:
+    """Fills `config.model` from a diffusers teacher checkpoint (its UNet2DModel config and time
+    units) and checks its scheduler against `config.diffusion`; nothing for other teachers.
+
+    Raises ValueError naming the mismatch (family, architecture, schedule, prediction type)
+    before anything is built or compiled.
+    """
+    path = config.teacher.checkpoint
+    if not path or not pipeline.is_diffusers_folder(path):
+        return
+    found = pipeline.read_config(path)
+    if found.get("_class_name") != "UNet2DModel":
+        raise ValueError(f"teacher.checkpoint {path!r} holds a {found.get('_class_name')!r}; "
+                         "a pixel-space teacher must be a UNet2DModel")
+    if config.model.family != "unet2d":
+        raise ValueError(f"teacher.checkpoint {path!r} is a diffusers UNet2DModel but "
+                         f"model.family={config.model.family!r}; set model.family=unet2d")
+    text = canonical_json(found)
+    if config.model.diffusers_config and (canonical_json(json.loads(
+            config.model.diffusers_config)) != text):
+        raise ValueError(f"model.diffusers_config differs from the config.json of "
+                         f"teacher.checkpoint {path!r}; leave model.diffusers_config empty to "
+                         "take the checkpoint's")
+    config.model.diffusers_config = text
+    facts = pipeline.read_schedule(path)
+    if facts is None:
+        logging.warning("teacher %s has no scheduler config: assuming config.diffusion "
+                        "(schedule %r, v-prediction)", path, config.diffusion.schedule)
+        return
+    check_schedule(path, facts, config)
+    config.model.num_train_timesteps = int(facts["num_train_timesteps"])
+
+
+def check_schedule(path: str, facts: dict, config: ml_collections.ConfigDict) -> None:
+    """ValueError when a teacher's scheduler is not the one the job's diffusion core uses."""
+    if facts["prediction_type"] != "v_prediction":
+        raise ValueError(f"teacher {path!r} predicts {facts['prediction_type']!r}; the "
+                         "diffusion core of this version trains and samples v-prediction "
+                         "teachers only")
+    own = facts.get("cdd_jax_schedule") or {}
+    name = own.get("name") or {"scaled_linear": "scaled_linear"}.get(facts["beta_schedule"])
+    if name != config.diffusion.schedule:
+        raise ValueError(f"teacher {path!r} was trained with the {facts['beta_schedule']!r} "
+                         f"schedule ({name or 'no continuous equivalent'} in cdd_jax) but "
+                         f"diffusion.schedule={config.diffusion.schedule!r}")
+
+
 def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
     """The teacher's params: from `teacher.checkpoint`, or pretrained (or reused) in
-    <workdir>/teacher."""
+    <workdir>/teacher. Call `resolve_teacher(config)` first (the job does)."""
     path = config.teacher.checkpoint
     if not path:
         tdir = os.path.join(workdir, "teacher")
-        if os.path.isdir(os.path.join(tdir, "export", "params")):
+        export = os.path.join(tdir, "export")
+        if os.path.isdir(os.path.join(export, "params")) or pipeline.is_diffusers_folder(export):
             logging.info("reusing the teacher pretrained in %s", tdir)
-            path = os.path.join(tdir, "export")
+            path = export
         else:
             logging.info("no teacher checkpoint given: pretraining one in %s", tdir)
             return pretrain(config.teacher.pretrain, tdir)[0]
+    if pipeline.is_diffusers_folder(path):
+        folder, sub = pipeline.unet_location(path)
+        module, params = load_diffusers(folder, subfolder=sub)
+        wanted = canonical_json(unet2d_config(config.model, config.data.crop_size))
+        if canonical_json(module.config) != wanted:
+            raise ValueError(f"teacher {path!r}: its config.json does not match config.model "
+                             f"(checkpoint {canonical_json(module.config)} vs config {wanted})")
+        return params
     params, meta = load_params(path)
     check_teacher_matches(path, meta, config.model)
     return params
+

@@ -85,54 +85,135 @@ class UNet2DModel(DiffusersModel):
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps, encoder_hidden_states=None, *,
-                 train: bool = False) -> jax.Array:
-        cfg = self.config
-        validate(cfg)
+                 train: bool = False, skip_residuals=None, middle_residual=None,
+                 input_residual=None) -> jax.Array:
+        """The residuals (all optional) are where a control encoder's gated features join:
+        `input_residual` is added after `conv_in`, `skip_residuals` to the skip features
+        (shallowest first, as `encoder_features` returns them), `middle_residual` to the mid
+        block's output."""
         if encoder_hidden_states is not None:
             raise ValueError("UNet2DModel takes no encoder_hidden_states")
-        activation(cfg["act_fn"])
-        ch = cfg["block_out_channels"]
-        n = len(ch)
-        if sample.ndim != 4 or sample.shape[1] % 2 ** (n - 1) or sample.shape[2] % 2 ** (n - 1):
-            raise ValueError(f"sample must be NHWC with H, W divisible by {2 ** (n - 1)}, "
-                             f"got shape {sample.shape}")
-        x = sample.astype(self.dtype)
-        if cfg["center_input_sample"]:
-            x = 2 * x - 1.0
-        t = broadcast_timesteps(timesteps, x.shape[0])
-        t_emb = timestep_embedding(t, ch[0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
-        emb = TimestepEmbedding(cfg["time_embedding_dim"] or 4 * ch[0], self.dtype,
-                                name="time_embedding")(t_emb)
-        common = dict(groups=cfg["norm_num_groups"], eps=cfg["norm_eps"], dropout=cfg["dropout"],
-                      remat=self.remat, dtype=self.dtype)
-        det = not train
+        emb = time_features(self, sample, timesteps)
+        skips, h = encoder_features(self, sample, emb, train=train,
+                                    input_residual=input_residual)
+        if skip_residuals is not None:
+            skips = [s + r for s, r in zip(skips, skip_residuals, strict=True)]
+        if middle_residual is not None:
+            h = h + middle_residual
+        return decoder_output(self, h, skips, emb, train=train)
 
-        h = constrain(conv(ch[0], name="conv_in", dtype=self.dtype)(x))
-        skips = [h]
-        for i, btype in enumerate(cfg["down_block_types"]):
-            attn = "self" if btype == "AttnDownBlock2D" else None
-            h, res = DownBlock(attn=attn, dim_head=cfg["attention_head_dim"] or ch[i],
-                               attn_groups=cfg["norm_num_groups"], out_channels=ch[i],
-                               num_layers=cfg["layers_per_block"], add_downsample=i < n - 1,
-                               downsample_padding=cfg["downsample_padding"], **common,
-                               name=f"down_blocks_{i}")(h, emb, None, det)
-            skips.extend(res)
-        if cfg["mid_block_type"] is not None:
-            mid = dict(common, output_scale_factor=cfg["mid_block_scale_factor"])
-            h = MidBlock(attn="self" if cfg["add_attention"] else None,
-                         dim_head=cfg["attention_head_dim"] or ch[-1],
-                         attn_groups=cfg["attn_norm_num_groups"] or cfg["norm_num_groups"],
-                         **mid, name="mid_block")(h, emb, None, det)
-        for i, btype in enumerate(cfg["up_block_types"]):
-            out = ch[n - 1 - i]
-            k = cfg["layers_per_block"] + 1
-            res, skips = skips[-k:], skips[:-k]
-            h = UpBlock(attn="self" if btype == "AttnUpBlock2D" else None,
-                        dim_head=cfg["attention_head_dim"] or out,
-                        attn_groups=cfg["norm_num_groups"], out_channels=out, num_layers=k,
-                        add_upsample=i < n - 1, **common,
-                        name=f"up_blocks_{i}")(h, res, emb, None, det)
-        h = group_norm(cfg["norm_num_groups"], cfg["norm_eps"], name="conv_norm_out",
-                       dtype=self.dtype)(h)
-        out = conv(cfg["out_channels"], name="conv_out", dtype=self.dtype)(nn.silu(h))
-        return out.astype(jnp.float32)
+
+# The three parts below build their submodules in the scope of the module whose compact method
+# calls them: `UNet2DModel` itself, or a control encoder that duplicates the encoder half under
+# its own name (`cdd_jax.models.control`), with the same parameter names as the teacher's.
+
+
+def _common(cfg: dict, u: DiffusersModel) -> dict:
+    return dict(groups=cfg["norm_num_groups"], eps=cfg["norm_eps"], dropout=cfg["dropout"],
+                remat=u.remat, dtype=u.dtype)
+
+
+def time_features(u: UNet2DModel, sample: jax.Array, timesteps) -> jax.Array:
+    """Checks `sample`; `time_embedding` of the timesteps (checkpoint units) -> emb [B, D]."""
+    cfg = u.config
+    validate(cfg)
+    activation(cfg["act_fn"])
+    ch = cfg["block_out_channels"]
+    n = len(ch)
+    if sample.ndim != 4 or sample.shape[1] % 2 ** (n - 1) or sample.shape[2] % 2 ** (n - 1):
+        raise ValueError(f"sample must be NHWC with H, W divisible by {2 ** (n - 1)}, "
+                         f"got shape {sample.shape}")
+    t = broadcast_timesteps(timesteps, sample.shape[0])
+    t_emb = timestep_embedding(t, ch[0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
+    return TimestepEmbedding(cfg["time_embedding_dim"] or 4 * ch[0], u.dtype,
+                             name="time_embedding")(t_emb)
+
+
+def encoder_features(u: UNet2DModel, sample: jax.Array, emb: jax.Array, *, train: bool,
+                     input_residual=None) -> tuple[list, jax.Array]:
+    """`conv_in`, the down blocks and the mid block: (skip features shallowest first, h)."""
+    cfg = u.config
+    ch = cfg["block_out_channels"]
+    n = len(ch)
+    common = _common(cfg, u)
+    x = sample.astype(u.dtype)
+    if cfg["center_input_sample"]:
+        x = 2 * x - 1.0
+    h = constrain(conv(ch[0], name="conv_in", dtype=u.dtype)(x))
+    if input_residual is not None:
+        h = h + input_residual
+    skips = [h]
+    for i, btype in enumerate(cfg["down_block_types"]):
+        attn = "self" if btype == "AttnDownBlock2D" else None
+        h, res = DownBlock(attn=attn, dim_head=cfg["attention_head_dim"] or ch[i],
+                           attn_groups=cfg["norm_num_groups"], out_channels=ch[i],
+                           num_layers=cfg["layers_per_block"], add_downsample=i < n - 1,
+                           downsample_padding=cfg["downsample_padding"], **common,
+                           name=f"down_blocks_{i}")(h, emb, None, not train)
+        skips.extend(res)
+    if cfg["mid_block_type"] is not None:
+        mid = dict(common, output_scale_factor=cfg["mid_block_scale_factor"])
+        h = MidBlock(attn="self" if cfg["add_attention"] else None,
+                     dim_head=cfg["attention_head_dim"] or ch[-1],
+                     attn_groups=cfg["attn_norm_num_groups"] or cfg["norm_num_groups"],
+                     **mid, name="mid_block")(h, emb, None, not train)
+    return skips, h
+
+
+def decoder_output(u: UNet2DModel, h: jax.Array, skips: list, emb: jax.Array, *,
+                   train: bool) -> jax.Array:
+    """The up blocks (consuming the skips deepest first), `conv_norm_out`, `conv_out`."""
+    cfg = u.config
+    ch = cfg["block_out_channels"]
+    n = len(ch)
+    common = _common(cfg, u)
+    skips = list(skips)
+    for i, btype in enumerate(cfg["up_block_types"]):
+        out = ch[n - 1 - i]
+        k = cfg["layers_per_block"] + 1
+        res, skips = skips[-k:], skips[:-k]
+        h = UpBlock(attn="self" if btype == "AttnUpBlock2D" else None,
+                    dim_head=cfg["attention_head_dim"] or out,
+                    attn_groups=cfg["norm_num_groups"], out_channels=out, num_layers=k,
+                    add_upsample=i < n - 1, **common,
+                    name=f"up_blocks_{i}")(h, res, emb, None, not train)
+    h = group_norm(cfg["norm_num_groups"], cfg["norm_eps"], name="conv_norm_out",
+                   dtype=u.dtype)(h)
+    out = conv(cfg["out_channels"], name="conv_out", dtype=u.dtype)(nn.silu(h))
+    return out.astype(jnp.float32)
+
+
+def config_from_fields(*, ch: int, ch_mult, num_res_blocks: int, attn_resolutions,
+                       num_groups: int, head_dim: int, dropout: float, image_size: int,
+                       in_channels: int = 3, out_channels: int = 3) -> dict:
+    """A UNet2DModel config from cdd_jax's `model` fields, for `image_size` px inputs.
+
+    Level i runs at image_size / 2**i px; its blocks have attention when that size is in
+    `attn_resolutions` (diffusers fixes the block types, so the architecture is tied to the
+    training size, as in diffusers). Heads have `head_dim` channels, fewer where a level is
+    narrower (then one head), as the cdd_jax U-Net does.
+    """
+    widths = [int(ch) * int(m) for m in ch_mult]
+    levels = len(widths)
+    if image_size % 2 ** (levels - 1):
+        raise ValueError(f"image size {image_size} is not divisible by 2**{levels - 1} "
+                         f"(ch_mult={tuple(ch_mult)})")
+    attn = [image_size // 2**i in tuple(attn_resolutions) for i in range(levels)]
+    attn_widths = [w for w, a in zip(widths, attn, strict=True) if a] + [widths[-1]]  # + mid
+    for w in widths:  # (then it divides the concatenated widths of the up blocks too)
+        if w % num_groups:
+            raise ValueError(f"model.num_groups={num_groups} does not divide a UNet2DModel "
+                             f"layer width ({w} channels); choose a divisor of every level "
+                             f"width {widths}")
+    dim_head = min([int(head_dim)] + attn_widths)
+    if any(w % dim_head for w in attn_widths):
+        raise ValueError(f"attention widths {attn_widths} are not multiples of the head size "
+                         f"{dim_head} (model.head_dim={head_dim})")
+    return dict(
+        sample_size=image_size, in_channels=in_channels, out_channels=out_channels,
+        block_out_channels=widths, layers_per_block=int(num_res_blocks),
+        down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        attention_head_dim=dim_head, norm_num_groups=int(num_groups), dropout=float(dropout),
+        add_attention=True, flip_sin_to_cos=True, freq_shift=0,
+    )

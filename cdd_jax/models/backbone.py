@@ -1,0 +1,132 @@
+"""The backbone U-Net of a job and the `model` config section that picks it.
+
+Two families (`model.family`):
+
+- "unet2d" (default): the port of diffusers' `UNet2DModel` (`cdd_jax.models.diffusers`), the
+  layout of pixel-space DDPM checkpoints. Its architecture is `model.diffusers_config` (the
+  checkpoint's `config.json`, filled in from the teacher checkpoint when that is a diffusers
+  folder) or, when that is empty, derived from the fields below at the training crop size. The
+  network's time input is in the checkpoint's units: t * `model.num_train_timesteps`.
+- "cdd": the original cdd_jax U-Net (`cdd_jax.models.unet`), kept so that runs and checkpoints
+  made with it still load and reproduce; its time input is t in [0, 1].
+
+Both predict with the same parameterisation (v for the shipped teacher) and both take the
+control encoder of `cdd_jax.models.control`: `encoder_features` builds the encoder half of
+either family in the scope of the calling module, with the teacher's parameter names.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cdd_jax import config_checks as checks
+from cdd_jax.models.diffusers.unet_2d import UNet2DModel, config_from_fields
+from cdd_jax.models.diffusers.unet_2d import encoder_features as unet2d_encoder_features
+from cdd_jax.models.diffusers.unet_2d import time_features as unet2d_time_features
+from cdd_jax.models.layers import TimeEmbedding
+from cdd_jax.models.unet import Encoder, Middle, UNet, unet_kwargs
+
+FAMILIES = ("unet2d", "cdd")
+Backbone = Any  # UNet | UNet2DModel
+
+
+def model_config() -> ml_collections.ConfigDict:
+    """The `model` section: which U-Net, and its size (the CPU-scale teacher by default)."""
+    c = ml_collections.ConfigDict()
+    c.family = "unet2d"  # "unet2d" (diffusers UNet2DModel port) or "cdd" (see module doc).
+    # unet2d only: the UNet2DModel config.json as JSON text; "" = derived from the fields below.
+    c.diffusers_config = ""
+    c.num_train_timesteps = 1000  # unet2d only: network time input = t * this (diffusers units).
+    c.ch = 32  # Base channel width.
+    c.ch_mult = (1, 2, 2)  # Width multiplier per resolution stage (one downsample between stages).
+    c.num_res_blocks = 1  # Residual blocks per stage in the encoder (decoder uses one more).
+    c.attn_resolutions = (8,)  # Spatial sizes (pixels) at which self-attention is applied.
+    c.dropout = 0.0  # Dropout rate inside residual blocks (training only).
+    c.num_groups = 8  # GroupNorm groups ("cdd": reduced automatically for narrow layers).
+    c.head_dim = 32  # Channels per attention head.
+    c.dtype = "float32"  # Compute dtype ("float32" or "bfloat16"); parameters stay float32.
+    c.remat = False  # Rematerialise residual blocks in the backward pass (saves memory).
+    return c
+
+
+def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError/TypeError naming the first bad `model` field."""
+    checks.check_keys(cfg, model_config(), "model.")
+    checks.choice(cfg, "family", FAMILIES, prefix="model.")
+    if not isinstance(cfg.diffusers_config, str):
+        raise TypeError("model.diffusers_config must be JSON text (str), got "
+                        f"{type(cfg.diffusers_config).__name__}")
+    if cfg.diffusers_config:
+        _parse_diffusers_config(cfg.diffusers_config)
+    checks.number(cfg, "num_train_timesteps", 1, integer=True, prefix="model.")
+    for key in ("ch", "num_res_blocks", "num_groups", "head_dim"):
+        checks.number(cfg, key, 1, integer=True, prefix="model.")
+    checks.positive_ints(cfg, "ch_mult", prefix="model.")
+    if tuple(cfg.attn_resolutions):
+        checks.positive_ints(cfg, "attn_resolutions", prefix="model.")
+    checks.number(cfg, "dropout", 0, 1, hi_open=True, prefix="model.")
+    checks.choice(cfg, "dtype", ("float32", "bfloat16"), prefix="model.")
+    checks.boolean(cfg, "remat", prefix="model.")
+
+
+def _parse_diffusers_config(text: str) -> dict:
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"model.diffusers_config is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict) or cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
+        got = cfg.get("_class_name") if isinstance(cfg, dict) else type(cfg).__name__
+        raise ValueError(f"model.diffusers_config must be a UNet2DModel config, got {got!r}")
+    return cfg
+
+
+def unet2d_config(cfg: ml_collections.ConfigDict, image_size: int) -> dict:
+    """The UNet2DModel config of a "unet2d" `model` section at `image_size` px."""
+    if cfg.diffusers_config:
+        return _parse_diffusers_config(cfg.diffusers_config)
+    return config_from_fields(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
+                              attn_resolutions=cfg.attn_resolutions, num_groups=cfg.num_groups,
+                              head_dim=cfg.head_dim, dropout=cfg.dropout, image_size=image_size)
+
+
+def backbone_from_config(cfg: ml_collections.ConfigDict, image_size: int) -> Backbone:
+    """The U-Net of a `model` section; `image_size`: the training crop size (data.crop_size)."""
+    validate_model_config(cfg)
+    if cfg.family == "cdd":
+        return UNet(**unet_kwargs(cfg))
+    return UNet2DModel.from_config(unet2d_config(cfg, image_size), dtype=jnp.dtype(cfg.dtype),
+                                   remat=bool(cfg.remat))
+
+
+def timestep_scale(cfg: ml_collections.ConfigDict) -> float:
+    """Network time input per unit of t in [0, 1] (the "cdd" U-Net scales inside)."""
+    return 1.0 if cfg.family == "cdd" else float(cfg.num_train_timesteps)
+
+
+def base_width(backbone: Backbone) -> int:
+    """Channels after the input conv (what the condition embedder must produce)."""
+    if isinstance(backbone, UNet):
+        return backbone.ch
+    return backbone.config["block_out_channels"][0]
+
+
+def encoder_features(backbone: Backbone, x: jax.Array, t: jax.Array, *, train: bool,
+                     input_residual=None) -> tuple[list, jax.Array]:
+    """The encoder half of `backbone` (time embedding, input conv, down path, middle), built in
+    the scope of the calling module with the backbone's own parameter names: (skips, h).
+
+    `t`: the backbone's own time input (already scaled by `timestep_scale`).
+    """
+    if isinstance(backbone, UNet):
+        emb = TimeEmbedding(backbone.ch, backbone.dtype, name="time_embed")(t)
+        skips = Encoder(**backbone.encoder_kwargs(), name="encoder")(
+            x.astype(backbone.dtype), emb, train, input_residual)
+        return skips, Middle(**backbone.middle_kwargs(), name="middle")(skips[-1], emb, train)
+    emb = unet2d_time_features(backbone, x, t)
+    return unet2d_encoder_features(backbone, x, emb, train=train, input_residual=input_residual)
+

@@ -156,3 +156,22 @@ def test_not_a_teacher_folder_is_a_clear_error(tmp_path):
     resolve_teacher(cfg)  # not a diffusers folder: nothing to fill in
     with pytest.raises((ValueError, FileNotFoundError), match=str(tmp_path)):
         load_teacher(cfg, "/nonexistent-workdir")
+
+
+def test_the_previous_cdd_teacher_still_loads_as_family_cdd():
+    """The teacher shipped before the model families (Orbax params, the "cdd" U-Net) reproduces
+    the results published with it: it loads with model.family=cdd and is refused otherwise."""
+    import os
+
+    from cdd_jax.stages.teacher import SHIPPED_TEACHER
+
+    old = os.path.join(os.path.dirname(SHIPPED_TEACHER), "teacher_cdd")
+    cfg = sr_config("default")
+    cfg.teacher.checkpoint = old
+    cfg.model.family = "cdd"
+    resolve_teacher(cfg)  # not a diffusers folder: nothing to fill in
+    params = load_teacher(cfg, "/nonexistent-workdir")
+    assert {"time_embed", "encoder", "middle", "decoder"} <= set(params)
+    cfg.model.family = "unet2d"
+    with pytest.raises(ValueError, match="model.family: checkpoint 'cdd' vs config 'unet2d'"):
+        load_teacher(cfg, "/nonexistent-workdir")

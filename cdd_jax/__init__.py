@@ -14,4 +14,13 @@ def train_and_evaluate(config, workdir: str):
     return run(config, workdir)
 
 
-__all__ = ["train_and_evaluate", "__version__"]
+def __getattr__(name: str):
+    # `cdd_jax.Upscaler`, imported on first use for the same reason.
+    if name == "Upscaler":
+        from cdd_jax.inference.upscaler import Upscaler
+
+        return Upscaler
+    raise AttributeError(f"module 'cdd_jax' has no attribute {name!r}")
+
+
+__all__ = ["Upscaler", "train_and_evaluate", "__version__"]

@@ -29,16 +29,20 @@ RENAMED_SECTIONS = {"adapter": "control"}
 LEGACY_VALUES: dict[str, Any] = {}
 
 
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
 def _overlay(base: dict, saved: Mapping, prefix: str = "") -> dict:
-    """`base` with every value of `saved` put in, recursively; lists become tuples where the
-    default is a tuple (JSON has no tuples)."""
+    """`base` with every value of `saved` put in, recursively; lists (and lists in them) become
+    tuples where the default is a tuple (JSON has no tuples)."""
     out = dict(base)
     for key, value in saved.items():
         default = out.get(key)
         if isinstance(value, Mapping) and isinstance(default, Mapping):
             out[key] = _overlay(default, value, f"{prefix}{key}.")
         elif isinstance(value, list) and isinstance(default, tuple):
-            out[key] = tuple(value)
+            out[key] = _tuples(value)
         else:
             out[key] = value
     return out

@@ -196,7 +196,8 @@ def test_shifted_tile_grids_agree_and_show_no_seams(upscaler, photo, steps):
     """Two grids shifted by half a tile: their mean difference is under half of what another
     noise seed changes (measured with this random network: 0.35x at K = 1, 0.32x at K = 4;
     noise that moved with the tiles would make it ~1x), and the gradient energy along tile
-    borders is not above the rest (measured 0.95). The metric itself sees an 8/255 step between tiles."""
+    borders is not above the rest (measured 0.95). The metric itself sees an 8/255 step
+    between tiles."""
     rgb = photo.astype(np.float32) / 255.0
     a = upscaler.upscale_rgb(rgb, steps=steps, seed=0, renoise="fresh")
     b = upscaler.upscale_rgb(rgb, steps=steps, seed=0, renoise="fresh", offset=(8, 8))

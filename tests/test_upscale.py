@@ -2,8 +2,13 @@
 round trip and corruption errors, the saved-config reader, tiling invariance and seams, exactness
 of one tile, real-image modes (grey, alpha, 16 bits, EXIF) and every bad input."""
 
+import io
 import json
 import os
+import struct
+import subprocess
+import sys
+import zlib
 
 import cv2
 import jax
@@ -11,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import skimage.data
+from PIL import Image
 
 from cdd_jax.config.presets import sr_config
 from cdd_jax.config.saved import saved_config
@@ -21,6 +27,7 @@ from cdd_jax.inference.upscaler import Upscaler
 from cdd_jax.parallel.sharding import unbox
 from cdd_jax.stages.distill import conditional_model
 from cdd_jax.train.student_folder import student_info
+from cdd_jax.upscale import upscale_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -219,3 +226,111 @@ def test_shifted_tile_grids_agree_and_show_no_seams(upscaler, photo, steps):
     print(f"metric: smooth {_seam_ratio(smooth, grid):.3f}, stepped "
           f"{_seam_ratio(stepped, grid):.3f}")
     assert _seam_ratio(smooth, grid) < 1.1 < _seam_ratio(stepped, grid)
+
+
+# ---------------------------------------------------------------------------- real inputs
+def test_array_layouts_and_depths_are_kept(upscaler, photo):
+    grey = photo.mean(axis=2).astype(np.uint8)
+    alpha = np.linspace(0, 255, grey.size).reshape(grey.shape).astype(np.uint8)
+    out = upscaler(grey, steps=1)
+    assert out.shape == (96, 80) and out.dtype == np.uint8
+    for image in (np.dstack([photo, alpha]), np.dstack([grey, alpha])):
+        out = upscaler(image, steps=1)
+        assert out.shape == (96, 80, image.shape[2]) and out.dtype == np.uint8
+        expected = cv2.resize(alpha.astype(np.float32) / 255, (80, 96),
+                              interpolation=cv2.INTER_CUBIC)
+        np.testing.assert_array_equal(out[..., -1], np.round(np.clip(expected, 0, 1) * 255))
+    out8 = upscaler(photo, steps=1)
+    out16 = upscaler(photo.astype(np.uint16) * 257, steps=1)
+    assert out16.dtype == np.uint16 and out16.shape == (96, 80, 3)
+    assert np.abs(out16 / 257.0 - out8).max() <= 1.0
+    with pytest.raises(ValueError, match="zero-sized"):
+        upscaler(np.zeros((0, 5, 3), np.uint8))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0,
+                                                              0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_image_files_of_every_format_and_mode(upscaler, photo, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    grey = photo.mean(axis=2).astype(np.uint8)
+    rgba = np.dstack([photo, np.full(grey.shape, 128, np.uint8)])
+    for name in ("rgb.jpg", "rgb_w.webp", "rgb_b.bmp", "rgb_t.tif"):
+        Image.fromarray(photo).save(src / name)
+    Image.fromarray(grey).save(src / "grey.png")
+    Image.fromarray(rgba).save(src / "rgba.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(src / "grey16.png")
+    cv2.imwrite(str(src / "rgb16.png"), (photo.astype(np.uint16) * 257)[..., ::-1])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Rotated: displayed 90 degrees clockwise.
+    Image.fromarray(photo).save(src / "rotated.jpg", exif=exif)
+    summary = upscale_files([str(src)], str(out), upscaler, steps=1, err=io.StringIO())
+    assert not summary.failed and len(summary.done) == 9
+    modes = {n: Image.open(out / n) for n in os.listdir(out)}
+    assert sorted(modes) == sorted(["rgb.png", "rgb_w.png", "rgb_b.png", "rgb_t.png", "grey.png",
+                                    "rgba.png", "grey16.png", "rgb16.png", "rotated.png"])
+    assert {n: im.mode for n, im in modes.items() if not n.startswith("rgb")} == {
+        "grey.png": "L", "grey16.png": "I;16", "rotated.png": "RGB"}
+    assert modes["rgba.png"].mode == "RGBA" and modes["rgb.png"].size == (80, 96)
+    assert modes["rotated.png"].size == (96, 80)  # EXIF orientation applied before upscaling.
+    rgb16 = cv2.imread(str(out / "rgb16.png"), cv2.IMREAD_UNCHANGED)
+    assert rgb16.dtype == np.uint16 and rgb16.shape == (96, 80, 3)
+    kept = upscale_files([str(src / "rgb.jpg")], str(tmp_path / "kept"), upscaler, steps=1,
+                         keep_format=True)
+    assert kept.done[0][1].endswith("rgb.jpg") and Image.open(kept.done[0][1]).format == "JPEG"
+
+
+def test_bad_inputs_are_one_line_errors_and_the_rest_is_written(upscaler, photo, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    small = photo[:12, :16]
+    Image.fromarray(small).save(src / "a_good.png")
+    Image.fromarray(small).save(src / "b_good.jpg")
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 16, 3), np.uint8)).save(
+        buf, format="PNG")
+    (src / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
+    (src / "empty.png").write_bytes(b"")
+    (src / "zero.png").write_bytes(_png_header_only(0, 0))
+    (src / "text.png").write_bytes(b"not an image at all")
+    Image.fromarray(photo).save(src / "big.png")  # 24 x 20 = 480 pixels > 400.
+    Image.fromarray(small).save(out / "same.png")
+    same_bytes = (out / "same.png").read_bytes()
+    err = io.StringIO()
+    summary = upscale_files([str(src), str(tmp_path / "missing.png"), str(out / "same.png")],
+                            str(out), upscaler, steps=1, max_pixels=400, err=err)
+    lines = err.getvalue().splitlines()
+    expected = {"truncated.png": "truncated", "empty.png": "empty file", "zero.png": "zero-sized",
+                "text.png": "not an image", "big.png": "over the limit",
+                "missing.png": "no such file", "same.png": "is this input file"}
+    assert len(lines) == len(expected) == len(summary.failed)
+    for name, reason in expected.items():
+        hits = [line for line in lines if f"{name}: " in line]
+        assert len(hits) == 1 and reason in hits[0], (name, lines)
+    assert sorted(os.listdir(out)) == ["a_good.png", "b_good.png", "same.png"]  # No temp files.
+    assert Image.open(out / "a_good.png").size == (64, 48)
+    assert (out / "same.png").read_bytes() == same_bytes
+
+
+def test_command_line_exit_code_counts_the_failures(student_dir, photo, tmp_path):
+    Image.fromarray(photo[:8, :8]).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"")
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cdd_jax.upscale", str(tmp_path / "good.png"),
+         str(tmp_path / "bad.png"), f"--output={tmp_path / 'out'}", f"--model={student_dir}",
+         "--steps=1", "--noprogress"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    assert f"error: {tmp_path / 'bad.png'}: empty file" in proc.stderr
+    assert "upscaled 1 of 2 images" in proc.stdout
+    assert os.listdir(tmp_path / "out") == ["good.png"]

@@ -38,6 +38,19 @@ def _raw_16bit_colour(im: Image.Image) -> bool:
     return False
 
 
+def _why_unidentified(path: str) -> str:
+    """The reason PIL could not identify a file: empty, a PNG of zero size, or unknown."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if not head:
+        return "empty file (0 bytes)"
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        if w == 0 or h == 0:
+            return f"zero-sized image ({w}x{h})"
+    return "not an image file this reader knows (PNG, JPEG, WebP, BMP, TIFF)"
+
+
 def _orient_array(array: np.ndarray, orientation: int) -> np.ndarray:
     """EXIF orientation (1-8) applied to an (H, W[, C]) array, as PIL's exif_transpose does."""
     ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
@@ -86,15 +99,16 @@ def read_image(path: str, max_pixels: int = 0) -> tuple[np.ndarray, str]:
                 raise ImageError(f"{w}x{h} = {w * h} pixels is over the limit of {max_pixels} "
                                  "(--max_pixels)")
             fmt = im.format or "PNG"
+            colour16 = _raw_16bit_colour(im)  # Before getexif, which may decode a PNG.
             orientation = int(im.getexif().get(0x0112, 1) or 1)
-            if _raw_16bit_colour(im):
+            if colour16:
                 return _read_16bit_colour(path, orientation), fmt
             im.load()
             return _to_array(ImageOps.exif_transpose(im) if orientation != 1 else im), fmt
     except Image.DecompressionBombError as e:
         raise ImageError(f"too many pixels for PIL's safety limit ({e})") from e
     except Image.UnidentifiedImageError as e:
-        raise ImageError("not an image file this reader knows (or an empty one)") from e
+        raise ImageError(_why_unidentified(path)) from e
     except (OSError, SyntaxError) as e:
         raise ImageError(f"unreadable or truncated image file ({e})") from e
 

@@ -334,3 +334,26 @@ def test_command_line_exit_code_counts_the_failures(student_dir, photo, tmp_path
     assert f"error: {tmp_path / 'bad.png'}: empty file" in proc.stderr
     assert "upscaled 1 of 2 images" in proc.stdout
     assert os.listdir(tmp_path / "out") == ["good.png"]
+
+
+# ---------------------------------------------------------------------------- the sr job
+@pytest.mark.slow
+def test_sr_job_exports_a_student_that_reproduces_its_evaluation(tmp_path):
+    """The tiny sr job writes <workdir>/student; the student loaded from it alone (no workdir)
+    gives the job's own evaluation rows exactly, and upscales."""
+    import cdd_jax
+    from cdd_jax.evaluate.sr import evaluate_sr
+    from cdd_jax.stages.sr import make_sr_eval_set
+
+    rows = cdd_jax.train_and_evaluate(sr_config("tiny"), str(tmp_path / "run"))
+    folder = str(tmp_path / "copy")
+    os.rename(tmp_path / "run" / "student", folder)
+    student = load_student(folder)
+    assert student.info["metrics"] == json.loads(json.dumps(rows))
+    again = evaluate_sr(student.config, str(tmp_path / "again"), student.apply_fn,
+                        student.params, student.schedule, make_sr_eval_set(student.config))
+    strip = lambda rs: [{k: v for k, v in r.items() if "time" not in k and "sec" not in k}
+                        for r in rs]
+    assert strip(again) == strip(rows)
+    out = Upscaler(student)(np.zeros((5, 7, 3), np.uint8), steps=1)
+    assert out.shape == (20, 28, 3)

@@ -103,6 +103,7 @@ def upscale_files(inputs: list[str], output: str, upscaler, *, steps: int | None
                   progress: bool = False, err=None) -> Summary:
     """Upscales every input file / folder into `output`; one error line per failure on `err`
     (default stderr), the others go on."""
+    import cv2
     from tqdm.auto import tqdm
 
     err = err or sys.stderr
@@ -117,7 +118,7 @@ def upscale_files(inputs: list[str], output: str, upscaler, *, steps: int | None
             target, n_in, n_out = _upscale_one(
                 path, output, upscaler, seen, steps=steps, seed=seed, max_pixels=max_pixels,
                 keep_format=keep_format, desc=f"[{i + 1}/{len(files)}] {os.path.basename(path)}")
-        except (ValueError, TypeError, OSError) as e:
+        except (ValueError, TypeError, OSError, cv2.error) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             print(f"error: {path}: {reason}", file=err)
             summary.failed.append((path, reason))

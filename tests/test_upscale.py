@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
+from tiny_student import tiny_student_params
 
 from cdd_jax.config.presets import sr_config
 from cdd_jax.config.saved import saved_config
@@ -24,41 +25,24 @@ from cdd_jax.distill.sampling import few_step_sample
 from cdd_jax.inference.student import Student, StudentFolderError, load_student, save_student
 from cdd_jax.inference.tiling import make_grid, noise_tiles
 from cdd_jax.inference.upscaler import Upscaler
-from cdd_jax.parallel.sharding import unbox
-from cdd_jax.stages.distill import conditional_model
 from cdd_jax.train.student_folder import student_info
 from cdd_jax.upscale import upscale_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _random_params(abstract, seed: int = 1):
-    """Random parameters of the shapes in `abstract` (numpy, nothing to compile): kernels
-    N(0, 1 / fan_in), norm scales near 1, everything else (biases, the zero-initialised gates)
-    small and non-zero, so the condition reaches every level."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = jax.tree_util.keystr(path)
-        x = rng.standard_normal(leaf.shape).astype(np.float32)
-        if name.endswith("['kernel']"):
-            return x / np.float32(np.sqrt(np.prod(leaf.shape[:-1])))
-        return (1.0 if name.endswith("['scale']") else 0.0) + np.float32(0.05) * x
-
-    return jax.tree_util.tree_map_with_path(draw, abstract)
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
-    """A tiny student (the configs/sr.py:tiny network with random parameters) saved as a
-    folder."""
-    config = sr_config("tiny")
-    model, _ = conditional_model(config)
-    c0 = jnp.zeros((1, 16, 16, 3))
-    abstract = unbox(jax.eval_shape(
-        lambda: model.init({"params": jax.random.key(0)}, c0, jnp.zeros((1,)), c0)))["params"]
+    """A tiny student (the configs/sr.py:tiny network, random parameters) saved as a folder."""
     path = str(tmp_path_factory.mktemp("student") / "student")
-    save_student(path, _random_params(abstract), config, metrics=[{"psnr": 1.0}])
+    config, params = tiny_student_params()
+    save_student(path, params, config, metrics=[{"psnr": 1.0}])
     return path
 
 
@@ -92,12 +76,11 @@ def test_load_round_trip_gives_identical_outputs(student_dir, photo):
     assert loaded.scale == 4 and loaded.crop_size == 16 and loaded.info["metrics"] == [
         {"psnr": 1.0}]
     assert loaded.info["provenance"]["versions"]["jax"] == jax.__version__
-    from safetensors.numpy import load_file
-
-    raw = load_file(os.path.join(student_dir, "params.safetensors"))
-    params = jax.tree.map(jnp.asarray, loaded.params)
-    same = Student(loaded.config, params, loaded.apply_fn, loaded.schedule, loaded.info, "")
-    assert len(raw) == len(jax.tree.leaves(params))
+    assert os.stat(student_dir).st_mode & 0o777 == 0o777 & ~_umask()  # Not mkdtemp's 0700.
+    _, params = tiny_student_params()  # The saved parameters, made again (not read back).
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, params)
+    same = Student(loaded.config, jax.tree.map(jnp.asarray, params), loaded.apply_fn,
+                   loaded.schedule, loaded.info, "")
     a = Upscaler(same, tile_batch=8)(photo, steps=2, seed=3)
     b = Upscaler.load(student_dir, tile_batch=8)(photo, steps=2, seed=3)
     np.testing.assert_array_equal(a, b)
@@ -111,18 +94,15 @@ def test_corrupted_student_folder_is_an_error_naming_the_file(student_dir, tmp_p
     shutil.copytree(student_dir, path)
     if damage == "flip_params":
         name = "params.safetensors"
-        with open(os.path.join(path, name), "r+b") as f:
-            f.seek(-7, 2)
-            byte = f.read(1)
-            f.seek(-7, 2)
-            f.write(bytes([byte[0] ^ 1]))
+        data = bytearray(open(os.path.join(path, name), "rb").read())
+        data[-7] ^= 1  # One bit of one parameter.
+        open(os.path.join(path, name), "wb").write(bytes(data))
     elif damage == "drop_config":
         name = "config.json"
         os.remove(os.path.join(path, name))
     else:
         name = "manifest.json"
-        with open(os.path.join(path, name), "w") as f:
-            f.write("{not json")
+        open(os.path.join(path, name), "w").write("{not json")
     with pytest.raises(StudentFolderError, match=name):
         load_student(path)
 
@@ -318,6 +298,7 @@ def test_bad_inputs_are_one_line_errors_and_the_rest_is_written(upscaler, photo,
         assert len(hits) == 1 and reason in hits[0], (name, lines)
     assert sorted(os.listdir(out)) == ["a_good.png", "b_good.png", "same.png"]  # No temp files.
     assert Image.open(out / "a_good.png").size == (64, 48)
+    assert os.stat(out / "a_good.png").st_mode & 0o777 == 0o666 & ~_umask()  # Not 0600.
     assert (out / "same.png").read_bytes() == same_bytes
 
 
@@ -357,54 +338,3 @@ def test_sr_job_exports_a_student_that_reproduces_its_evaluation(tmp_path):
     assert strip(again) == strip(rows)
     out = Upscaler(student)(np.zeros((5, 7, 3), np.uint8), steps=1)
     assert out.shape == (20, 28, 3)
-
-
-# ---------------------------------------------------------------------------- evaluation
-def test_y_psnr_and_ssim_match_scikit_image():
-    skm = pytest.importorskip("skimage.metrics")
-    from skimage.color import rgb2ycbcr
-
-    from cdd_jax.evaluate.protocol import psnr, ssim_y, y_channel
-
-    rng = np.random.default_rng(0)
-    hr = skimage.data.astronaut()[:64, :80]
-    sr = np.clip(hr + rng.normal(0, 6, hr.shape), 0, 255).astype(np.uint8)
-    np.testing.assert_allclose(y_channel(hr), rgb2ycbcr(hr)[..., 0], atol=1e-9)
-    ya, yb = rgb2ycbcr(sr)[4:-4, 4:-4, 0], rgb2ycbcr(hr)[4:-4, 4:-4, 0]
-    expected = skm.peak_signal_noise_ratio(yb, ya, data_range=255)
-    assert abs(psnr(y_channel(sr), y_channel(hr), 4) - expected) < 1e-6
-    expected = skm.structural_similarity(ya, yb, data_range=255, gaussian_weights=True,
-                                         sigma=1.5, use_sample_covariance=False)
-    assert abs(ssim_y(sr, hr, 4) - expected) < 1e-9
-
-
-def test_evaluate_command_on_a_folder(upscaler, tmp_path):
-    from cdd_jax.inference.evaluate import evaluate_folder
-
-    hr_dir, lr_dir = tmp_path / "hr", tmp_path / "lr"
-    hr_dir.mkdir()
-    lr_dir.mkdir()
-    photo = skimage.data.astronaut()
-    for i, (y, x) in enumerate([(100, 180), (300, 60)]):
-        Image.fromarray(photo[y:y + 42, x:x + 49]).save(hr_dir / f"im{i}.png")  # 40x48 used.
-        Image.fromarray(cv2.resize(photo[y:y + 40, x:x + 48], (12, 10),
-                                   interpolation=cv2.INTER_AREA)).save(lr_dir / f"im{i}.png")
-    rows = evaluate_folder(upscaler, str(hr_dir), str(tmp_path / "a"), steps=(1,),
-                           lpips_net="alex")
-    keys = {(r["method"], r["steps"], r["metric"]) for r in rows}
-    assert keys == {(m, k, x) for m, k in (("bicubic", 0), ("student", 1))
-                    for x in ("psnr", "psnr_y", "ssim_y", "lpips_alex")}
-    assert all(r["n"] == 2 and np.isfinite(r["stderr"]) for r in rows)
-    summary = json.load(open(tmp_path / "a" / "summary.json"))
-    assert "realesrgan" not in summary["protocol"] and "bicubic" in summary["protocol"]
-    assert len(open(tmp_path / "a" / "per_image.csv").read().splitlines()) == 1 + 2 * 2 * 4
-    assert "| student | 1 |" in open(tmp_path / "a" / "summary.md").read()
-    paired = evaluate_folder(upscaler, str(hr_dir), str(tmp_path / "b"), lr_dir=str(lr_dir),
-                             steps=(1,), lpips_net=None)
-    bicubic_y = [r["value"] for r in paired if r["method"] == "bicubic" and r["metric"] ==
-                 "psnr_y"]
-    assert bicubic_y[0] > 20
-    Image.fromarray(photo[:11, :12]).save(lr_dir / "im1.png")
-    with pytest.raises(ValueError, match="paired folders must be aligned"):
-        evaluate_folder(upscaler, str(hr_dir), str(tmp_path / "c"), lr_dir=str(lr_dir),
-                        steps=(1,), lpips_net=None)

@@ -117,6 +117,9 @@ def write_student_folder(path: str, params: Mapping, config: Mapping, info: Mapp
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 -> what makedirs would have given.
         save_file(_flatten(params), os.path.join(tmp, PARAMS), metadata={"format": FORMAT})
         _dump(os.path.join(tmp, CONFIG), dict(config))
         _dump(os.path.join(tmp, INFO), {**info, "format": FORMAT, "format_version": FORMAT_VERSION})

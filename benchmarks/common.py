@@ -294,24 +294,11 @@ def flops_of(compiled, num_devices: int = 1) -> float:
 
 
 def saved_config(path: str):
-    """A run's saved config (config_<stage>.json), brought up to date for runs saved before the
-    `adapter` section was renamed `control` and before later options existed (those at their
-    defaults)."""
-    import ml_collections
+    """A run's saved config (config_<stage>.json) on today's defaults
+    (`cdd_jax.config.saved.saved_config`)."""
+    from cdd_jax.config.saved import saved_config as read
 
-    from cdd_jax.data.degradations import degradation_config
-    from cdd_jax.models.control import control_config
-
-    with open(path) as f:
-        saved = json.load(f)
-    if "adapter" in saved and "control" not in saved:
-        saved["control"] = saved.pop("adapter")
-    cfg = ml_collections.ConfigDict(saved)
-    for name, defaults in (("control", control_config()),
-                           ("degradation", degradation_config(cfg.degradation.preset))):
-        defaults.update(cfg[name].to_dict())
-        cfg[name] = defaults
-    return cfg
+    return read(path)
 
 
 def load_sr_run(workdir: str) -> dict[str, Any]:

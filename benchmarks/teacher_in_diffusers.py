@@ -2,8 +2,8 @@
 
 Two sides, so that the package's environment needs no torch and the peer's needs no JAX:
 
-    python benchmarks/teacher_in_diffusers.py jax   --teacher=cdd_jax/assets/teacher --npz=/tmp/t.npz
-    python benchmarks/teacher_in_diffusers.py torch --teacher=cdd_jax/assets/teacher --npz=/tmp/t.npz
+    python benchmarks/teacher_in_diffusers.py jax   --teacher=cdd_jax/assets/teacher
+    python benchmarks/teacher_in_diffusers.py torch --teacher=cdd_jax/assets/teacher
 
 The jax side loads the U-Net with `cdd_jax.load_diffusers` and stores random inputs (NHWC),
 timesteps in the checkpoint's units and its outputs. The torch side (the `peers` extra) loads the

@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_diffusers": "cdd_jax.convert.diffusers",
     "save_diffusers": "cdd_jax.convert.diffusers",
+    "Upscaler": "cdd_jax.inference.upscaler",
 }
 
 
@@ -25,4 +26,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'cdd_jax' has no attribute {name!r}")
 
 
-__all__ = ["load_diffusers", "save_diffusers", "train_and_evaluate", "__version__"]
+__all__ = ["Upscaler", "load_diffusers", "save_diffusers", "train_and_evaluate", "__version__"]

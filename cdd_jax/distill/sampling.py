@@ -14,6 +14,7 @@ Two ways to go from one time of the grid to the next (`renoise`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -28,6 +29,10 @@ from cdd_jax.distill.codi import ApplyFn, as_model_fn
 
 GRIDS = ("uniform", "released")
 RENOISE = ("ddim", "fresh")
+# noise(i) -> the i-th Gaussian draw of a sampler, shaped like z: i = 0 is z_T, i >= 1 the fresh
+# re-noising before step i. Given, it replaces the draws from `rng` (e.g. noise that is one field
+# over a whole image cut into tiles, `cdd_jax.inference.tiling`).
+NoiseFn = Callable[[int], jax.Array]
 
 
 def sampling_grid(grid: str, num_steps: int, train_steps: int = 50) -> np.ndarray:
@@ -43,7 +48,10 @@ def sampling_grid(grid: str, num_steps: int, train_steps: int = 50) -> np.ndarra
     raise ValueError(f"unknown sampling grid {grid!r}; valid: {GRIDS}")
 
 
-def _start(cond: jax.Array | None, rng: jax.Array, shape: tuple[int, ...] | None) -> jax.Array:
+def _start(cond: jax.Array | None, rng: jax.Array, shape: tuple[int, ...] | None,
+           noise: NoiseFn | None = None) -> jax.Array:
+    if noise is not None:
+        return jnp.asarray(noise(0), jnp.float32)
     if shape is None:
         if cond is None:
             raise ValueError("give `shape` when sampling without a condition (cond is None)")
@@ -63,6 +71,7 @@ def solver_sample(
     grid: str = "uniform",
     train_steps: int = 50,
     shape: tuple[int, ...] | None = None,
+    noise: NoiseFn | None = None,
 ) -> jax.Array:
     """Samples with DDIM or DPM-Solver++(2M) (no noise re-injection); returns x (NHWC).
 
@@ -71,7 +80,7 @@ def solver_sample(
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; valid: {SAMPLERS}")
     timesteps = sampling_grid(grid, num_steps, train_steps)
-    z_T = _start(cond, rng, shape)
+    z_T = _start(cond, rng, shape, noise)
     model_fn = as_model_fn(apply_fn, params, cond, z_T.shape[0])
     return sample(model_fn, z_T, schedule=schedule, sampler=sampler, timesteps=timesteps)
 
@@ -88,17 +97,19 @@ def few_step_sample(
     train_steps: int = 50,
     shape: tuple[int, ...] | None = None,
     renoise: str = "ddim",
+    noise: NoiseFn | None = None,
 ) -> jax.Array:
     """K-step sampling of a distilled student; returns x. `renoise` (module docstring): "ddim"
-    is the paper's few-step sampler, "fresh" re-noises each prediction with new noise."""
+    is the paper's few-step sampler, "fresh" re-noises each prediction with new noise.
+    `noise` (optional, `NoiseFn`) supplies the Gaussian draws instead of `rng`."""
     if renoise == "ddim":
         return solver_sample(apply_fn, params, cond, rng, schedule=schedule,
                               num_steps=num_steps, sampler="ddim", grid=grid,
-                              train_steps=train_steps, shape=shape)
+                              train_steps=train_steps, shape=shape, noise=noise)
     if renoise != "fresh":
         raise ValueError(f"unknown renoise {renoise!r}; valid: {RENOISE}")
     timesteps = sampling_grid(grid, num_steps, train_steps)
-    z = _start(cond, rng, shape)  # The same z_T as "ddim": with K = 1 the two are identical.
+    z = _start(cond, rng, shape, noise)  # The same z_T as "ddim": with K = 1 the two are identical.
     model_fn = as_model_fn(apply_fn, params, cond, z.shape[0])
 
     def predict(z_t, t):
@@ -106,19 +117,21 @@ def few_step_sample(
         return x_from_v(z_t, model_fn(z_t, t), alpha, sigma)  # broadcasts (B,) itself
 
     return _renoise_fresh(predict, z, [float(t) for t in timesteps if t > 0], schedule,
-                          jax.random.fold_in(rng, 1))
+                          jax.random.fold_in(rng, 1), noise)
 
 
 def _renoise_fresh(predict, z: jax.Array, times: list[float], schedule: Schedule,
-                   rng: jax.Array) -> jax.Array:
-    """x = predict(z, t_0); then for each later t: z = alpha_t x + sigma_t n (n fresh), x =
-    predict(z, t). `times` decreasing and positive; `predict(z, t)` takes t of shape (B,)."""
+                   rng: jax.Array, noise_fn: NoiseFn | None = None) -> jax.Array:
+    """x = predict(z, t_0); then for each later t: z = alpha_t x + sigma_t n (n fresh: drawn from
+    `rng`, or `noise_fn(i)`), x = predict(z, t). `times` decreasing and positive; `predict(z, t)`
+    takes t of shape (B,)."""
     x = z
     for i, t in enumerate(times):
         t_b = jnp.full((z.shape[0],), t, jnp.float32)
         if i > 0:
             alpha, sigma = schedule.alpha_sigma(t_b)
-            noise = jax.random.normal(jax.random.fold_in(rng, i), z.shape, jnp.float32)
+            noise = (jax.random.normal(jax.random.fold_in(rng, i), z.shape, jnp.float32)
+                     if noise_fn is None else jnp.asarray(noise_fn(i), jnp.float32))
             z = add_noise(x, noise, alpha, sigma)
         x = predict(z, t_b)
     return x

@@ -1,5 +1,6 @@
 """The "sr" job: teacher -> conditional distillation in <workdir>/distill -> evaluation in
-<workdir>/eval (results.json, results.md, grid.png)."""
+<workdir>/eval (results.json, results.md, grid.png) -> the exported student in <workdir>/student
+(`cdd_jax.train.student_folder`: what `cdd_jax.Upscaler` and `python -m cdd_jax.upscale` load)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import ml_collections
 from cdd_jax.data.degradations import SRPairTransform
 from cdd_jax.data.pipeline import make_eval_set
 from cdd_jax.evaluate.sr import evaluate_sr
+from cdd_jax.parallel.distributed import is_main_process
 from cdd_jax.stages.distill import distill
 from cdd_jax.stages.teacher import load_teacher
+from cdd_jax.train.student_folder import save_student
 
 
 def make_sr_eval_set(config: ml_collections.ConfigDict) -> dict:
@@ -25,4 +28,8 @@ def run_sr(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     eval_set = make_sr_eval_set(config)
     params, apply_fn, schedule = distill(config, os.path.join(workdir, "distill"), teacher,
                                          eval_set)
-    return evaluate_sr(config, workdir, apply_fn, params, schedule, eval_set)
+    rows = evaluate_sr(config, workdir, apply_fn, params, schedule, eval_set)
+    if is_main_process():
+        save_student(os.path.join(workdir, "student"), params, config, metrics=rows,
+                     source_workdir=workdir)
+    return rows

@@ -1,0 +1,162 @@
+"""Tiles over an output image of any size: a regular grid of overlapping tiles, smooth blending
+weights, and Gaussian noise that is ONE field over the whole output.
+
+Design (BUILD_NOTES.md, "Upscaling"):
+- The grid: tiles of `tile` px every `stride = tile - overlap` px, the first one starting
+  `margin + offset` px before the image (`margin = overlap // 2`, so the image's borders are not
+  tile borders); the canvas under the grid is the condition reflect-padded. Tile size, overlap,
+  margin and offset are multiples of `align` (the SR scale): every tile then sits on the
+  low-resolution pixel grid, as the training crops did.
+- Blending: separable raised-cosine ramps across each overlap (w and 1 - w from the two sides),
+  weight exactly 1 elsewhere and on sides without a neighbour; the blend divides by the summed
+  weight. So a pixel that one tile covers gets that tile's value exactly, and one tile covering
+  the image gives the network's output bit for bit.
+- Noise: value at global output pixel (y, x) of draw i depends only on (key, i, y, x): the plane
+  is cut into `NOISE_BLOCK` px blocks, each drawn from the key folded with its block indices. A
+  pixel sees the same noise in every tile and under every grid; the result depends on the tiling
+  only through what each tile's network sees around the pixel and through the blending.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NOISE_BLOCK = 16  # Side of the blocks the noise plane is drawn in (any value: a speed matter).
+_BLOCK_OFFSET = 1 << 20  # Makes block indices of the padding (negative) non-negative.
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """A tile grid over a `height` x `width` image (output pixels)."""
+
+    height: int
+    width: int
+    tile: int
+    overlap: int
+    start_y: int  # Position of the first tile's top edge relative to the image (<= 0).
+    start_x: int
+    ny: int
+    nx: int
+
+    @property
+    def stride(self) -> int:
+        return self.tile - self.overlap
+
+    @property
+    def canvas_shape(self) -> tuple[int, int]:
+        return ((self.ny - 1) * self.stride + self.tile, (self.nx - 1) * self.stride + self.tile)
+
+    @property
+    def pads(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((top, bottom), (left, right)) padding that turns the image into the canvas."""
+        ch, cw = self.canvas_shape
+        top, left = -self.start_y, -self.start_x
+        return (top, ch - top - self.height), (left, cw - left - self.width)
+
+    def __len__(self) -> int:
+        return self.ny * self.nx
+
+    def origins(self) -> np.ndarray:
+        """(n, 2) top-left corners of the tiles on the canvas, row-major."""
+        ys, xs = np.meshgrid(np.arange(self.ny) * self.stride, np.arange(self.nx) * self.stride,
+                             indexing="ij")
+        return np.stack([ys.ravel(), xs.ravel()], axis=1).astype(np.int32)
+
+    def weights(self, index: int) -> np.ndarray:
+        """(tile, tile) blending weight of tile `index`."""
+        iy, ix = divmod(index, self.nx)
+        return np.outer(_ramp(self.tile, self.overlap, iy > 0, iy < self.ny - 1),
+                        _ramp(self.tile, self.overlap, ix > 0, ix < self.nx - 1))
+
+
+def _ramp(tile: int, overlap: int, before: bool, after: bool) -> np.ndarray:
+    w = np.ones(tile, np.float32)
+    if overlap:
+        up = (0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)).astype(np.float32)
+        if before:
+            w[:overlap] = up
+        if after:
+            w[tile - overlap:] = np.float32(1) - up
+    return w
+
+
+def _count(length: int, start: int, tile: int, stride: int) -> int:
+    return max(1, math.ceil((length - start - tile) / stride) + 1)
+
+
+def make_grid(height: int, width: int, tile: int, overlap: int, *, align: int = 1,
+              offset: tuple[int, int] = (0, 0)) -> Grid:
+    """The grid of `tile` px tiles overlapping by `overlap` px that covers the image, shifted
+    by `offset` px (>= 0) up and left from its usual place. Sizes must be multiples of `align`."""
+    if height < 1 or width < 1:
+        raise ValueError(f"cannot tile a zero-sized image ({height}x{width})")
+    for name, value in (("tile", tile), ("overlap", overlap), ("offset", offset[0]),
+                        ("offset", offset[1])):
+        if value < 0 or value % align:
+            raise ValueError(f"{name}={value} must be a non-negative multiple of {align} (the "
+                             "scale: tiles sit on the low-resolution pixel grid)")
+    if tile < 1 or 2 * overlap > tile:
+        raise ValueError(f"need tile >= 1 and overlap <= tile / 2; got tile={tile}, "
+                         f"overlap={overlap}")
+    margin = overlap // 2 // align * align
+    start_y, start_x = -margin - offset[0], -margin - offset[1]
+    stride = tile - overlap
+    return Grid(height, width, tile, overlap, start_y, start_x,
+                _count(height, start_y, tile, stride), _count(width, start_x, tile, stride))
+
+
+def pad_to_canvas(image: np.ndarray, grid: Grid) -> np.ndarray:
+    """The image (H, W, C) reflect-padded to the grid's canvas (the value at a global position
+    does not depend on the grid)."""
+    return np.pad(image, (*grid.pads, (0, 0)), mode="reflect")
+
+
+def noise_tiles(key: jax.Array, origins: jax.Array, tile: int, channels: int) -> jax.Array:
+    """(B, tile, tile, C) crops of the global noise plane at `origins` (B, 2) (global output
+    coordinates, may be negative). Jittable; the block indices are traced."""
+    b = NOISE_BLOCK
+    nb = -(-tile // b) + 1
+
+    def block(by, bx):
+        k = jax.random.fold_in(jax.random.fold_in(key, (by + _BLOCK_OFFSET).astype(jnp.uint32)),
+                               (bx + _BLOCK_OFFSET).astype(jnp.uint32))
+        return jax.random.normal(k, (b, b, channels), jnp.float32)
+
+    def one(origin):
+        b0 = jnp.floor_divide(origin, b)
+        rows = b0[0] + jnp.arange(nb)
+        cols = b0[1] + jnp.arange(nb)
+        blocks = jax.vmap(lambda by: jax.vmap(lambda bx: block(by, bx))(cols))(rows)
+        plane = blocks.transpose(0, 2, 1, 3, 4).reshape(nb * b, nb * b, channels)
+        dy, dx = origin[0] - b0[0] * b, origin[1] - b0[1] * b
+        return jax.lax.dynamic_slice(plane, (dy, dx, 0), (tile, tile, channels))
+
+    return jax.vmap(one)(jnp.asarray(origins, jnp.int32))
+
+
+class Blender:
+    """Accumulates weighted tiles on the canvas; `result()` is the blended image."""
+
+    def __init__(self, grid: Grid, channels: int):
+        self.grid = grid
+        self.acc = np.zeros((*grid.canvas_shape, channels), np.float32)
+        self.wsum = np.zeros(grid.canvas_shape, np.float32)
+
+    def add(self, index: int, origin: np.ndarray, tile_values: np.ndarray) -> None:
+        w = self.grid.weights(index)
+        y, x = int(origin[0]), int(origin[1])
+        t = self.grid.tile
+        self.acc[y:y + t, x:x + t] += w[..., None] * tile_values
+        self.wsum[y:y + t, x:x + t] += w
+
+    def result(self) -> np.ndarray:
+        (top, _), (left, _) = self.grid.pads
+        g = self.grid
+        acc = self.acc[top:top + g.height, left:left + g.width]
+        wsum = self.wsum[top:top + g.height, left:left + g.width]
+        return acc / wsum[..., None]

@@ -176,8 +176,8 @@ def test_check_claims_reports_both_directions():
         row("finetune", "ddim", 200, 0.25),
         row("finetune", "ddim", 4, 0.30),
         row("cm", "consistency", 4, 0.20),
-        row("codi", "ddim", 4, 0.26),
         row("direct_cm", "consistency", 4, 0.28),
+        row("codi", "ddim", 4, 0.26),
     ]
     lines = table1_eval.check_claims(rows, cfg)
     assert "+4.0% (within 5%" in lines[0]
@@ -185,9 +185,8 @@ def test_check_claims_reports_both_directions():
     assert any("cm (consistency)" in s and "NOT better" in s for s in lines)
     assert any("direct_cm (consistency)" in s and "(better)" in s for s in lines)
     assert any(s.startswith("Direct CM-4 vs CM-II-4: 0.2800 vs 0.2000 (worse") for s in lines)
-    rows[-1] = row("direct_cm", "consistency", 4, 0.18)
+    rows[-2] = row("direct_cm", "consistency", 4, 0.18)
     assert any("0.1800 vs 0.2000 (NOT worse" in s for s in table1_eval.check_claims(rows, cfg))
-    rows.pop()
     rows[-1] = row("codi", "ddim", 4, 0.27)
     assert "NOT within 5%" in table1_eval.check_claims(rows, cfg)[0]
     assert "not checked" in table1_eval.check_claims(rows[:1], cfg)[0]
@@ -247,8 +246,7 @@ def test_driver_trains_every_row_once_then_resumes_only_missing_rows(tmp_path, m
     workdir = str(tmp_path)
     rows = table1.run_table1(cfg, workdir)
 
-    # Training: finetune from the teacher; CM, both GD rounds and Direct CM from the fine-tuned
-    # model (Direct CM's teacher ODE solve runs the fine-tuned model).
+    # Training: finetune from the teacher; CM and both GD rounds from the fine-tuned model.
     objectives = [(c["objective"], c["n"], c["steps"]) for c in stub.calls]
     n = cfg.distill.num_grid_steps
     assert objectives == [
@@ -262,9 +260,6 @@ def test_driver_trains_every_row_once_then_resumes_only_missing_rows(tmp_path, m
     ]
     ft, cm, gd1, gd2 = stub.returned[0], *stub.calls[1:4]
     assert cm["finetuned"] is ft and cm["initial"] is ft and cm["teacher"] is None
-    dcm = stub.calls[6]
-    assert dcm["finetuned"] is ft and dcm["initial"] is ft and dcm["teacher"] is None
-    assert dcm["run_dir"] == os.path.join(workdir, "direct_cm")
     assert gd1["finetuned"] is ft and gd1["initial"] is ft and gd1["teacher"] is None
     assert gd2["finetuned"] is stub.returned[2] and gd2["initial"] is stub.returned[2]
     assert gd2["run_dir"] == os.path.join(workdir, "gd", "round2_N8")
@@ -313,12 +308,6 @@ def test_driver_trains_every_row_once_then_resumes_only_missing_rows(tmp_path, m
     cfg.evaluate.num_grid_images = 2
     table1.run_table1(cfg, workdir)
     assert stub.calls == []
-    # Direct CM's own section concerns that row only: the rows before it pass the check.
-    cfg.distill.direct_cm.num_teacher_steps = 8
-    with pytest.raises(ValueError, match=r"direct_cm/eval.json .*num_teacher_steps: 32 -> 8"):
-        table1.run_table1(cfg, workdir)
-    assert stub.calls == []
-    cfg.distill.direct_cm.num_teacher_steps = 32
     # A row's own table1 fields concern that row only (the rows before it pass the check).
     cfg.table1.codi_steps = (1, 2, 4)
     with pytest.raises(ValueError, match=r"codi/eval.json .*codi_steps: \[1, 4\] -> \[1, 2, 4\]"):
@@ -331,27 +320,35 @@ def test_driver_trains_every_row_once_then_resumes_only_missing_rows(tmp_path, m
         table1.run_table1(cfg, workdir)
 
 
-def test_a_saved_row_passes_with_another_rows_section_from_an_older_version(tmp_path):
+def test_the_direct_cm_section_concerns_only_that_row(tmp_path):
     cfg = presets.table1_config("tiny")
     row_dir = str(tmp_path / "codi")
-    codi = table1.result_settings(cfg, "codi")
+    codi, direct = (table1.result_settings(cfg, r) for r in ("codi", "direct_cm"))
+    assert "distill.direct_cm.num_teacher_steps" in direct
     assert not any(k.startswith("distill.direct_cm.") for k in codi)
-    assert "distill.direct_cm.num_teacher_steps" in table1.result_settings(cfg, "direct_cm")
     # eval.json written before the Direct CM row existed kept that section for every row.
     table1.save_row(row_dir, [], {}, {**codi, "distill.direct_cm.num_teacher_steps": 16})
     assert table1.load_finished_row(row_dir, codi, "codi") == ([], {})
     table1.save_row(row_dir, [], {}, {**codi, "distill.cm.eps_t_min": 0.5})
     with pytest.raises(ValueError, match="distill.cm.eps_t_min"):
         table1.load_finished_row(row_dir, codi, "codi")
+    table1.save_row(row_dir, [], {}, {**direct, "distill.direct_cm.num_teacher_steps": 8})
+    with pytest.raises(ValueError, match="num_teacher_steps: 8 -> 32"):
+        table1.load_finished_row(row_dir, direct, "direct_cm")
 
 
-def test_a_row_needing_the_finetuned_model_trains_it_without_evaluating_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("row", ["cm", "direct_cm"])  # both distil the fine-tuned model
+def test_a_row_needing_the_finetuned_model_trains_it_without_evaluating_it(
+    tmp_path, monkeypatch, row
+):
     stub = _StubTraining(monkeypatch)
     cfg = presets.table1_config("tiny")
-    cfg.table1.rows = ("cm",)
+    cfg.table1.rows = (row,)
     rows = table1.run_table1(cfg, str(tmp_path))
-    assert [c["objective"] for c in stub.calls] == ["finetune", "cm"]
-    assert {r["method"] for r in rows} == {"cm"}
+    assert [c["objective"] for c in stub.calls] == ["finetune", row]
+    ft, call = stub.returned[0], stub.calls[1]
+    assert call["finetuned"] is ft and call["initial"] is ft and call["teacher"] is None
+    assert {r["method"] for r in rows} == {row}
     assert not os.path.exists(os.path.join(str(tmp_path), "finetune", "eval.json"))
 
 

@@ -1,5 +1,5 @@
 """The paper's Table 1 at small scale: bicubic, fine-tuned model (DDIM / DPM-Solver++), CM-II,
-GD-II, PE-CoDi and CoDi, all from the shipped teacher with the same budget; writes
+GD-II, PE-CoDi, CoDi and Direct CM, all from the shipped teacher with the same budget; writes
 DIR/table1.md, DIR/table1.json, DIR/table1_quality_vs_nfe.png and DIR/table1_grid.png.
 
     python -m cdd_jax.main --config=configs/table1.py --workdir=/tmp/table1

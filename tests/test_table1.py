@@ -178,12 +178,17 @@ def test_check_claims_reports_both_directions():
         row("finetune", "ddim", 200, 0.25),
         row("finetune", "ddim", 4, 0.30),
         row("cm", "consistency", 4, 0.20),
+        row("direct_cm", "consistency", 4, 0.28),
         row("codi", "ddim", 4, 0.26),
     ]
     lines = table1_eval.check_claims(rows, cfg)
     assert "+4.0% (within 5%" in lines[0]
     assert any("finetune (ddim)" in s and "(better)" in s for s in lines)
     assert any("cm (consistency)" in s and "NOT better" in s for s in lines)
+    assert any("direct_cm (consistency)" in s and "(better)" in s for s in lines)
+    assert any(s.startswith("Direct CM-4 vs CM-II-4: 0.2800 vs 0.2000 (worse") for s in lines)
+    rows[-2] = row("direct_cm", "consistency", 4, 0.18)
+    assert any("0.1800 vs 0.2000 (NOT worse" in s for s in table1_eval.check_claims(rows, cfg))
     rows[-1] = row("codi", "ddim", 4, 0.27)
     assert "NOT within 5%" in table1_eval.check_claims(rows, cfg)[0]
     assert "not checked" in table1_eval.check_claims(rows[:1], cfg)[0]
@@ -253,6 +258,7 @@ def test_driver_trains_every_row_once_then_resumes_only_missing_rows(tmp_path, m
         ("gd", 8, 3),
         ("pe_codi", n, 6),
         ("codi", n, 6),
+        ("direct_cm", n, 6),
     ]
     ft, cm, gd1, gd2 = stub.returned[0], *stub.calls[1:4]
     assert cm["finetuned"] is ft and cm["initial"] is ft and cm["teacher"] is None
@@ -276,6 +282,7 @@ def test_driver_trains_every_row_once_then_resumes_only_missing_rows(tmp_path, m
         ("pe_codi", "ddim", 4),
         ("codi", "ddim", 1),
         ("codi", "ddim", 4),
+        ("direct_cm", "consistency", 4),
     ]
     assert {r["metric"] for r in rows} == {"psnr", "ssim", "lr_mse", "lr_psnr"}
     assert len(rows) == 4 * len(methods)
@@ -285,6 +292,7 @@ def test_driver_trains_every_row_once_then_resumes_only_missing_rows(tmp_path, m
         assert [_key(r) for r in json.load(f)] == [_key(r) for r in rows]
     md = open(os.path.join(workdir, "table1.md")).read()
     assert "| codi | ddim | 4 |" in md and "CM-II" in md
+    assert "| direct_cm | consistency | 4 |" in md and "Direct CM targets: 32 DDIM steps" in md
 
     # Resume: only the row whose results are missing is trained and evaluated again.
     os.remove(os.path.join(workdir, "codi", "eval.json"))
@@ -314,13 +322,35 @@ def test_driver_trains_every_row_once_then_resumes_only_missing_rows(tmp_path, m
         table1.run_table1(cfg, workdir)
 
 
-def test_a_row_needing_the_finetuned_model_trains_it_without_evaluating_it(tmp_path, monkeypatch):
+def test_the_direct_cm_section_concerns_only_that_row(tmp_path):
+    cfg = presets.table1_config("tiny")
+    row_dir = str(tmp_path / "codi")
+    codi, direct = (table1.result_settings(cfg, r) for r in ("codi", "direct_cm"))
+    assert "distill.direct_cm.num_teacher_steps" in direct
+    assert not any(k.startswith("distill.direct_cm.") for k in codi)
+    # eval.json written before the Direct CM row existed kept that section for every row.
+    table1.save_row(row_dir, [], {}, {**codi, "distill.direct_cm.num_teacher_steps": 16})
+    assert table1.load_finished_row(row_dir, codi, "codi") == ([], {})
+    table1.save_row(row_dir, [], {}, {**codi, "distill.cm.eps_t_min": 0.5})
+    with pytest.raises(ValueError, match="distill.cm.eps_t_min"):
+        table1.load_finished_row(row_dir, codi, "codi")
+    table1.save_row(row_dir, [], {}, {**direct, "distill.direct_cm.num_teacher_steps": 8})
+    with pytest.raises(ValueError, match="num_teacher_steps: 8 -> 32"):
+        table1.load_finished_row(row_dir, direct, "direct_cm")
+
+
+@pytest.mark.parametrize("row", ["cm", "direct_cm"])  # both distil the fine-tuned model
+def test_a_row_needing_the_finetuned_model_trains_it_without_evaluating_it(
+    tmp_path, monkeypatch, row
+):
     stub = _StubTraining(monkeypatch)
     cfg = presets.table1_config("tiny")
-    cfg.table1.rows = ("cm",)
+    cfg.table1.rows = (row,)
     rows = table1.run_table1(cfg, str(tmp_path))
-    assert [c["objective"] for c in stub.calls] == ["finetune", "cm"]
-    assert {r["method"] for r in rows} == {"cm"}
+    assert [c["objective"] for c in stub.calls] == ["finetune", row]
+    ft, call = stub.returned[0], stub.calls[1]
+    assert call["finetuned"] is ft and call["initial"] is ft and call["teacher"] is None
+    assert {r["method"] for r in rows} == {row}
     assert not os.path.exists(os.path.join(str(tmp_path), "finetune", "eval.json"))
 
 

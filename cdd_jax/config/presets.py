@@ -164,7 +164,9 @@ def table1_config(variant: str = "default") -> ml_collections.ConfigDict:
         # Per trained row (GD: split over its rounds). Estimated ~55 min of training for the
         # whole table on 2 quiet CPU cores (docs/RESULTS.md): step cost relative to pretraining
         # (~0.57 s) from the compiled FLOPs: finetune 1.34x, PE-CoDi 1.46x, CoDi 1.78x, CM 2.23x,
-        # GD 2.23x; plus compilation and the 200-step DDIM evaluation.
+        # GD 2.23x; plus compilation and the 200-step DDIM evaluation. The Direct CM row (added
+        # later, not in that estimate) adds distill.direct_cm.num_teacher_steps = 32 forward
+        # passes of the fine-tuned model to each step, so it alone may take as long again.
         c.train.num_steps = 500
         c.train.eval_every = 250
         c.train.ckpt_every = 100

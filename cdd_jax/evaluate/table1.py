@@ -24,7 +24,9 @@ from cdd_jax.parallel.distributed import is_main_process
 
 PyTree = Any
 
-ROWS = ("bicubic", "finetune", "cm", "gd", "pe_codi", "codi")
+# New rows go last: each row trains and evaluates with its own seeds, but the order is the
+# table's and the report's.
+ROWS = ("bicubic", "finetune", "cm", "gd", "pe_codi", "codi", "direct_cm")
 # The paper's names of the rows (Table 1 of Mei et al., CVPR 2024).
 PAPER_NAMES = {
     "bicubic": "bicubic upsampling (not in the paper's table)",
@@ -33,6 +35,8 @@ PAPER_NAMES = {
     "gd": "GD-II (guided / progressive distillation of the fine-tuned model)",
     "pe_codi": "PE-CoDi (parameter-efficient CoDi)",
     "codi": "CoDi",
+    "direct_cm": "Direct CM (Vouitsis et al. 2024; not in the paper's table): CM-II's consistency "
+    "function regressed onto the fine-tuned model's many-step ODE solve",
 }
 # Paper Table 1 (real-world SR x4, DF2K, Real-ESRGAN degradations): LPIPS by (row, sampler, steps).
 PAPER_LPIPS = {
@@ -53,6 +57,7 @@ ROW_FIELDS = {
     "gd": ("gd_rounds", "gd_student_steps"),
     "pe_codi": ("pe_codi_steps",),
     "codi": ("codi_steps",),
+    "direct_cm": ("direct_cm_steps",),
 }
 def table1_section() -> ml_collections.ConfigDict:
     """Default `table1` config section: which rows, their samplers and step counts."""
@@ -68,6 +73,9 @@ def table1_section() -> ml_collections.ConfigDict:
     c.gd_student_steps = 4  # Final student step count of GD-II (evaluated with DDIM).
     c.pe_codi_steps = (4,)  # DDIM step counts of the PE-CoDi student.
     c.codi_steps = (1, 2, 4)  # DDIM step counts of the CoDi student.
+    # Multistep consistency sampling step counts of the Direct CM student (its teacher ODE solve
+    # takes distill.direct_cm.num_teacher_steps DDIM steps of the fine-tuned model).
+    c.direct_cm_steps = (4,)
     c.plot_metrics = ("lpips_alex", "psnr")  # Panels of the quality-versus-NFE plot.
     return c
 
@@ -78,7 +86,7 @@ def validate_table1_config(config: ml_collections.ConfigDict) -> None:
     checks.check_keys(tab, table1_section(), p)
     checks.subset(tab, "rows", ROWS, prefix=p)
     for name in ("finetune_ddim_steps", "finetune_dpm_steps", "cm_steps", "pe_codi_steps",
-                 "codi_steps", "gd_rounds", "gd_student_steps"):
+                 "codi_steps", "direct_cm_steps", "gd_rounds", "gd_student_steps"):
         checks.positive_ints(tab, name, prefix=p)
     if "gd" in tab.rows and config.train.num_steps < tab.gd_rounds:
         raise ValueError(
@@ -113,8 +121,8 @@ def row_methods(
     if row == "finetune":
         plan = [("ddim", k) for k in tab.finetune_ddim_steps]
         plan += [("dpmpp_2m", k) for k in tab.finetune_dpm_steps]
-    elif row == "cm":
-        plan = [("consistency", k) for k in tab.cm_steps]
+    elif row in ("cm", "direct_cm"):
+        plan = [("consistency", k) for k in tab[f"{row}_steps"]]
     elif row == "gd":
         plan = [("ddim", tab.gd_student_steps)]
     elif row in ("pe_codi", "codi"):
@@ -154,7 +162,8 @@ def _value(rows, method, sampler, steps, metric):
 def check_claims(
     rows: list[dict], config: ml_collections.ConfigDict, metric: str = "lpips_alex"
 ) -> list[str]:
-    """The paper's two claims on this run's `metric` (lower is better), one line each."""
+    """The paper's two claims on this run's `metric` (lower is better), one line each, and the
+    Direct CM paper's (its samples are worse than CM's) where both rows ran."""
     if not any(r["metric"] == metric for r in rows):
         return [f"(claims not checked: no {metric} in this run)"]
     lines = []
@@ -175,12 +184,21 @@ def check_claims(
             ("cm", "consistency"),
             ("gd", "ddim"),
             ("pe_codi", "ddim"),
+            ("direct_cm", "consistency"),
         )
         for m, s in others:
             v = _value(rows, m, s, 4, metric)
             if v is not None:
                 verdict = "better" if codi < v else "NOT better"
                 lines.append(f"CoDi-4 vs {m} ({s}) at 4 steps: {codi:.4f} vs {v:.4f} ({verdict})")
+    cm = _value(rows, "cm", "consistency", 4, metric)
+    direct = _value(rows, "direct_cm", "consistency", 4, metric)
+    if cm is not None and direct is not None:
+        verdict = "worse" if direct > cm else "NOT worse"
+        lines.append(
+            f"Direct CM-4 vs CM-II-4: {direct:.4f} vs {cm:.4f} ({verdict}; the Direct CM paper: "
+            "lower ODE error but worse samples)"
+        )
     return lines or ["(claims not checked: the CoDi-4 or reference rows are missing)"]
 
 
@@ -191,6 +209,7 @@ _SHORT = {
     ("gd", "ddim"): "GD-II",
     ("pe_codi", "ddim"): "PE-CoDi",
     ("codi", "ddim"): "CoDi",
+    ("direct_cm", "consistency"): "Direct CM",
 }
 
 
@@ -219,11 +238,13 @@ def write_report(
     claims = "\n".join(f"- {line}" for line in check_claims(rows, config))
     budget = config.train.num_steps * config.data.batch_size
     gd = ", ".join(f"N={n_t} -> {n_t // 2} ({s} steps)" for n_t, s in gd_plan(config))
+    direct = (f"; Direct CM targets: {config.distill.direct_cm.num_teacher_steps} DDIM steps of "
+              "the fine-tuned model" if "direct_cm" in tab.rows else "")
     notes = (
         f"Rows:\n{legend}\n\n"
         f"Budget per trained row: {config.train.num_steps} optimiser steps x batch "
         f"{config.data.batch_size} = {budget} crops of {config.data.crop_size} px (GD-II rounds: "
-        f"{gd}). Degradation preset: {config.degradation.preset}; "
+        f"{gd}{direct}). Degradation preset: {config.degradation.preset}; "
         f"{eval_set['image'].shape[0]} held-out crops; sampling grid: {config.evaluate.grid}. "
         f"Timing device: {timing_device()} (each row timed right after its training).\n\n"
         f"The paper's claims on this run:\n{claims}\n\n"

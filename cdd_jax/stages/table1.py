@@ -17,6 +17,10 @@ optimiser steps of `data.batch_size` crops):
                the rounds
     pe_codi    CoDi with the backbone frozen (parameter-efficient)
     codi       CoDi
+    direct_cm  Direct CM of the fine-tuned network: CM-II's consistency function regressed onto
+               the fine-tuned network's ODE solve (`distill.direct_cm.num_teacher_steps` DDIM
+               steps) from t to t_min; starts from the fine-tuned network; multistep consistency
+               sampling
 
 Layout of DIR (every row resumable):
 
@@ -75,6 +79,8 @@ _IGNORED_FOR_REUSE = (
     "evaluate.num_grid_images",
     "mesh",
 )
+# Config sections that only some rows read: another row is reused even if they differ.
+_ROW_ONLY_SECTIONS = {"distill.direct_cm": ("direct_cm",)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,6 +183,9 @@ def _flat(d: Mapping, prefix: str = "") -> dict:
 def _ignored(key: str, row: str) -> bool:
     if key.startswith("table1."):
         return key.split(".", 1)[1] not in ROW_FIELDS[row]
+    for section, rows in _ROW_ONLY_SECTIONS.items():
+        if key.startswith(section + "."):
+            return row not in rows
     return any(f".{p}." in f".{key}." for p in _IGNORED_FOR_REUSE)
 
 
@@ -186,14 +195,17 @@ def result_settings(config: ml_collections.ConfigDict, row: str) -> dict:
     return json.loads(json.dumps(flat, default=str))  # as it reads back from eval.json
 
 
-def load_finished_row(row_dir: str, settings: dict) -> tuple[list[dict], dict] | None:
-    """(rows, predictions) of an evaluated row, or None; ValueError if its settings differ."""
+def load_finished_row(
+    row_dir: str, settings: dict, row: str
+) -> tuple[list[dict], dict] | None:
+    """(rows, predictions) of an evaluated row, or None; ValueError if its settings differ
+    (settings saved by an older version that `row` ignores, e.g. another row's section, pass)."""
     path = os.path.join(row_dir, "eval.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
         saved = json.load(f)
-    old = saved.get("settings", {})
+    old = {k: v for k, v in saved.get("settings", {}).items() if not _ignored(k, row)}
     diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
     if diff:
         raise ValueError(
@@ -257,7 +269,7 @@ def _trained_params(config, row: str, row_dir: str, teacher, finetuned, eval_set
     if row == "gd":
         return train_gd(config, row_dir, teacher=teacher, eval_set=eval_set,
                         finetuned=finetuned())
-    if row == "cm":  # the student starts from its teacher, the fine-tuned model
+    if row in ("cm", "direct_cm"):  # the student starts from its teacher, the fine-tuned model
         return train_row(row_config(config, row), row_dir, teacher=teacher, eval_set=eval_set,
                          finetuned=finetuned(), initial=finetuned())
     return train_row(row_config(config, row), row_dir, teacher=teacher, eval_set=eval_set)
@@ -286,7 +298,7 @@ def run_table1(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     for row in rows_wanted:
         row_dir = os.path.join(workdir, row)
         settings = result_settings(config, row)
-        finished = load_finished_row(row_dir, settings)
+        finished = load_finished_row(row_dir, settings, row)
         if finished is not None:
             logging.info("row %s: already evaluated in %s, skipped", row, row_dir)
             rows, preds = finished

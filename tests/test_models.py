@@ -119,10 +119,13 @@ def test_remat_is_numerically_identical(teacher):
 
     g1 = jax.grad(loss)(params, plain_model)
     g2 = jax.grad(loss)(params, remat_model)
+    # atol relative to the gradients' overall scale: remat reorders float32 sums, and some
+    # gradients are analytically zero (a bias before a GroupNorm) and hold only rounding noise
+    # (measured on the unet2d port: entries of 2e-6 vs -2e-7 there; 0.136 vs 0.13635 in a
+    # gradient of max |46|).
+    scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(g1))
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
-        # atol relative to the tensor's scale: remat reorders float32 sums (measured: an entry of
-        # 0.136 in a gradient of max |46| off by 1.5e-5, i.e. 3e-7 of the scale).
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(b).max())))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
 
 
 @pytest.mark.parametrize("gate", ["conv1x1", "scalar"])

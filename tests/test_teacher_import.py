@@ -175,3 +175,15 @@ def test_the_previous_cdd_teacher_still_loads_as_family_cdd():
     cfg.model.family = "unet2d"
     with pytest.raises(ValueError, match="model.family: checkpoint 'cdd' vs config 'unet2d'"):
         load_teacher(cfg, "/nonexistent-workdir")
+
+
+def test_an_imported_module_carries_its_model_section(exported):
+    from cdd_jax.models.backbone import backbone_from_config, model_section_for
+
+    module, params = load_diffusers(exported[0], subfolder="unet")
+    section = model_section_for(module)
+    assert section.family == "unet2d"
+    rebuilt = backbone_from_config(section, SIZE)
+    z = jax.random.normal(jax.random.key(0), (1, SIZE, SIZE, 3))
+    np.testing.assert_array_equal(np.asarray(rebuilt.apply({"params": params}, z, 500.0)),
+                                  np.asarray(module.apply({"params": params}, z, 500.0)))

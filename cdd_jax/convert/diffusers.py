@@ -253,7 +253,9 @@ def load_diffusers(path: str | os.PathLike, subfolder: str | None = None, *,
     """Reads a diffusers model folder (or pipeline folder + subfolder, or hub id).
 
     Returns (module, params): the linen port (compute `dtype`, params float32) and its
-    parameters, ready for `module.apply({"params": params}, ...)`. Raises ValueError naming
+    parameters, ready for `module.apply({"params": params}, ...)`; the matching cdd_jax
+    `model` section is `cdd_jax.models.backbone.model_section_for(module)` (U-Nets) and the
+    schedule and prediction type are `read_scheduler_config(pipeline)`. Raises ValueError naming
     every missing, extra or mis-shaped tensor, or the unsupported config entry, before any
     array is converted or any computation compiled.
     """

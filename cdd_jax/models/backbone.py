@@ -130,3 +130,25 @@ def encoder_features(backbone: Backbone, x: jax.Array, t: jax.Array, *, train: b
     emb = unet2d_time_features(backbone, x, t)
     return unet2d_encoder_features(backbone, x, emb, train=train, input_residual=input_residual)
 
+
+
+def model_section_for(backbone: Backbone) -> ml_collections.ConfigDict:
+    """The cdd_jax `model` section that rebuilds `backbone` (e.g. a module `load_diffusers`
+    returned): family "unet2d" with its config.json as `diffusers_config`, or the "cdd" fields."""
+    c = model_config()
+    if isinstance(backbone, UNet):
+        c.family = "cdd"
+        c.update(ch=backbone.ch, ch_mult=tuple(backbone.ch_mult),
+                 num_res_blocks=backbone.num_res_blocks,
+                 attn_resolutions=tuple(backbone.attn_resolutions), dropout=backbone.dropout,
+                 num_groups=backbone.num_groups, head_dim=backbone.head_dim)
+    else:
+        if backbone.config.get("_class_name") != "UNet2DModel":
+            raise ValueError(f"a {backbone.config.get('_class_name')} is not a backbone of the "
+                             "pixel-space job (a UNet2DModel is)")
+        c.family = "unet2d"
+        c.diffusers_config = backbone.config_json
+        c.dropout = float(backbone.config["dropout"])
+    c.dtype = jnp.dtype(backbone.dtype).name
+    c.remat = bool(backbone.remat)
+    return c

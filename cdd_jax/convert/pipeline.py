@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import flax.linen as nn
@@ -29,6 +27,7 @@ from cdd_jax.convert.diffusers import (
     resolve,
     save_diffusers,
 )
+from cdd_jax.fileio import replaced_folder
 
 METADATA_NAME = "cdd_jax.json"
 # cdd_jax schedule -> the diffusers `beta_schedule` closest to it.
@@ -56,9 +55,7 @@ def save_pipeline(out_dir: str | os.PathLike, module: nn.Module, params: dict, *
                   scheduler: dict, metadata: dict) -> Path:
     """Writes a teacher pipeline folder (layout above); never leaves `out_dir` half-written."""
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with replaced_folder(out) as tmp:
         save_diffusers(module, params, tmp / "unet")
         (tmp / "scheduler").mkdir()
         (tmp / "scheduler" / "scheduler_config.json").write_text(
@@ -68,16 +65,6 @@ def save_pipeline(out_dir: str | os.PathLike, module: nn.Module, params: dict, *
                  "unet": ["diffusers", module.config["_class_name"]]}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / METADATA_NAME).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

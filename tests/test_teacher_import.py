@@ -116,9 +116,25 @@ def _edit_scheduler(out, tmp_path, **changes):
     return str(dst)
 
 
-def test_epsilon_teacher_is_a_clear_error(exported, tmp_path):
-    cfg = _job_config(_edit_scheduler(exported[0], tmp_path, prediction_type="epsilon"))
-    with pytest.raises(ValueError, match="predicts 'epsilon'"):
+def test_epsilon_teacher_is_accepted_and_a_mismatch_is_named(exported, tmp_path):
+    """An epsilon-prediction folder resolves when the config says epsilon; with the default
+    v-prediction config it is a ValueError naming both and the fix, before anything is built."""
+    folder = _edit_scheduler(exported[0], tmp_path, prediction_type="epsilon")
+    cfg = _job_config(folder)
+    with pytest.raises(ValueError, match="predicts 'epsilon'.*diffusion.prediction_type="
+                                         "'v_prediction'.*prediction_type=epsilon"):
+        resolve_teacher(cfg)
+    cfg = _job_config(folder)
+    cfg.diffusion.prediction_type = "epsilon"
+    cfg.teacher.pretrain.diffusion.prediction_type = "epsilon"
+    resolve_teacher(cfg)
+    assert cfg.model.diffusers_config
+    cfg = _job_config(exported[0])  # a v-prediction folder with an epsilon config
+    cfg.diffusion.prediction_type = "epsilon"
+    with pytest.raises(ValueError, match="predicts 'v_prediction'"):
+        resolve_teacher(cfg)
+    cfg = _job_config(_edit_scheduler(exported[0], tmp_path / "x", prediction_type="flow"))
+    with pytest.raises(ValueError, match="cannot read"):
         resolve_teacher(cfg)
 
 

@@ -74,6 +74,15 @@ def _validate_distillation(config: ml_collections.ConfigDict) -> None:
             f"control.anchor_factor {ctl.anchor_factor} must equal degradation.scale "
             f"{config.degradation.scale} and divide data.crop_size {config.data.crop_size} "
             "when the low-frequency anchor is on")
+    kind = config.diffusion.prediction_type
+    if ctl.anchor_precision > 0 and kind != "v_prediction":
+        raise ValueError(f"control.anchor_precision > 0 (the low-frequency anchor) acts on a "
+                         f"v-prediction; diffusion.prediction_type is {kind!r}: set "
+                         "control.anchor_precision=0")
+    if config.teacher.pretrain.diffusion.prediction_type != kind:
+        raise ValueError(f"teacher.pretrain.diffusion.prediction_type "
+                         f"{config.teacher.pretrain.diffusion.prediction_type!r} differs from "
+                         f"diffusion.prediction_type {kind!r} (the student keeps the teacher's)")
     validate_config(config.teacher.pretrain)
     if not config.teacher.checkpoint and (config.teacher.pretrain.data.crop_size
                                           != config.data.crop_size):

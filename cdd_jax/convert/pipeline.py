@@ -27,23 +27,26 @@ from cdd_jax.convert.diffusers import (
     resolve,
     save_diffusers,
 )
+from cdd_jax.diffusion import check_prediction_type
 from cdd_jax.fileio import replaced_folder
 
 METADATA_NAME = "cdd_jax.json"
 # cdd_jax schedule -> the diffusers `beta_schedule` closest to it.
 _DIFFUSERS_BETA_SCHEDULE = {"cosine": "squaredcos_cap_v2", "linear": "linear",
                             "scaled_linear": "scaled_linear"}
-_PREDICTION_TYPES = {"v": "v_prediction", "eps": "epsilon"}
 
 
-def scheduler_config(schedule: str, num_train_timesteps: int, prediction: str = "v") -> dict:
-    """A DDPMScheduler config for a cdd_jax teacher (see the module doc)."""
+def scheduler_config(schedule: str, num_train_timesteps: int,
+                     prediction_type: str = "v_prediction") -> dict:
+    """A DDPMScheduler config for a cdd_jax teacher (see the module doc); `prediction_type` in
+    diffusers' names ("v_prediction", "epsilon", "sample")."""
     if schedule not in _DIFFUSERS_BETA_SCHEDULE:
         raise ValueError(f"no diffusers schedule for {schedule!r}")
+    check_prediction_type(prediction_type)
     cfg = dict(_class_name="DDPMScheduler", _diffusers_version=DIFFUSERS_VERSION,
                num_train_timesteps=int(num_train_timesteps),
                beta_schedule=_DIFFUSERS_BETA_SCHEDULE[schedule],
-               prediction_type=_PREDICTION_TYPES[prediction], clip_sample=True,
+               prediction_type=prediction_type, clip_sample=True,
                clip_sample_range=1.0, timestep_spacing="leading", steps_offset=0,
                cdd_jax_schedule=dict(name=schedule, continuous=True))
     if schedule == "scaled_linear":

@@ -29,6 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cdd_jax.diffusion.parameterization import (
+    check_prediction_type,
+    denoise,
+    output_from_x_eps_hat,
+)
 from cdd_jax.diffusion.schedules import Schedule
 
 __all__ = [
@@ -147,13 +152,17 @@ def gaussian_v_params(cov, mean_w=None, mean_b=None, cond_dim: int = 0) -> dict[
     }
 
 
-def gaussian_apply_fn(schedule: Schedule):
-    """The exact denoiser of N(mean_w c + mean_b, Q diag(lam) Q^T) as a v-prediction network
-    `apply_fn(params, z_t, t, cond, rng) -> v_hat` on flat data (B, d), t of shape (B,):
+def gaussian_apply_fn(schedule: Schedule, prediction_type: str = "v_prediction"):
+    """The exact denoiser of N(mean_w c + mean_b, Q diag(lam) Q^T) as a network
+    `apply_fn(params, z_t, t, cond, rng) -> output` on flat data (B, d), t of shape (B,):
 
         v_hat = Q [alpha sigma (1 - lam) / p * Q^T z_t - sigma / p * Q^T mean],
-        p = alpha^2 lam + sigma^2.
+        p = alpha^2 lam + sigma^2,
+
+    output in `prediction_type`: v_hat itself, or eps_hat = sigma z_t + alpha v_hat ("epsilon"),
+    or x_hat = alpha z_t - sigma v_hat ("sample") -- the same denoiser, no division.
     """
+    check_prediction_type(prediction_type)
 
     def apply_fn(params: dict[str, Any], z, t, cond, rng=None):
         del rng
@@ -166,6 +175,10 @@ def gaussian_apply_fn(schedule: Schedule):
         mean = jnp.broadcast_to(mean, z.shape)
         p = alpha**2 * lam + sigma**2
         coef = alpha * sigma * (1.0 - lam) / p * (z @ q) - sigma / p * (mean @ q)
-        return coef @ q.T
+        v_hat = coef @ q.T
+        if prediction_type == "v_prediction":
+            return v_hat
+        x_hat, eps_hat = denoise("v_prediction", z, v_hat, alpha, sigma)
+        return output_from_x_eps_hat(prediction_type, x_hat, eps_hat, alpha, sigma)
 
     return apply_fn

@@ -3,7 +3,10 @@
     z_t = alpha_t x + sigma_t eps,        v = alpha_t eps - sigma_t x      (alpha^2 + sigma^2 = 1)
     x   = alpha_t z_t - sigma_t v,        eps = sigma_t z_t + alpha_t v
 
-So one network output can be read as a v-, x- or eps-prediction (x_hat, eps_hat, v_hat). All
+So one network output can be read as a v-, x- or eps-prediction (x_hat, eps_hat, v_hat). A
+network's own parameterisation is its *prediction type* (diffusers' names, `PREDICTION_TYPES`):
+"v_prediction", "epsilon" or "sample"; `denoise` reads any of them as (x_hat, eps_hat) and
+`prediction_target` gives the regression target of each. All
 functions are plain arithmetic on their inputs: numpy float64 in gives numpy float64 out, jax in
 gives jax out. alpha and sigma may be Python scalars, 0-d arrays or per-example arrays of shape
 (B,), broadcast against (B, H, W, C) (or any rank) data by `bcast`. The conversions through
@@ -30,6 +33,11 @@ __all__ = [
     "v_from_eps",
     "LOSS_WEIGHTS",
     "loss_weight",
+    "PREDICTION_TYPES",
+    "check_prediction_type",
+    "denoise",
+    "prediction_target",
+    "output_from_x_eps_hat",
 ]
 
 Array = Any  # a jax or numpy array
@@ -100,6 +108,48 @@ def v_from_eps(z: Array, eps: Array, alpha: Array, sigma: Array) -> Array:
     """v_hat = (eps_hat - sigma_t z_t) / alpha_t  (divides by alpha_t)."""
     a, s = _scales(alpha, sigma, z)
     return (eps - s * z) / a
+
+
+# What a network outputs, in diffusers' names (a scheduler config's `prediction_type`).
+PREDICTION_TYPES = ("v_prediction", "epsilon", "sample")
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    """Returns `prediction_type`; ValueError naming the valid ones otherwise."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction type {prediction_type!r}; valid: {PREDICTION_TYPES}")
+    return prediction_type
+
+
+def denoise(prediction_type: str, z: Array, out: Array, alpha: Array,
+            sigma: Array) -> tuple[Array, Array]:
+    """(x_hat, eps_hat) from a network output `out` of the given prediction type at z_t.
+
+    "v_prediction": no division; "epsilon": x_hat divides by alpha_t (eps_hat is the output
+    itself); "sample": eps_hat divides by sigma_t (x_hat is the output itself).
+    """
+    check_prediction_type(prediction_type)
+    if prediction_type == "v_prediction":
+        return x_from_v(z, out, alpha, sigma), eps_from_v(z, out, alpha, sigma)
+    if prediction_type == "epsilon":
+        return x_from_eps(z, out, alpha, sigma), out
+    return out, eps_from_x(z, out, alpha, sigma)
+
+
+def prediction_target(prediction_type: str, x: Array, eps: Array, alpha: Array,
+                      sigma: Array) -> Array:
+    """What a network of this prediction type should output at z_t = alpha x + sigma eps."""
+    check_prediction_type(prediction_type)
+    if prediction_type == "v_prediction":
+        return v_from_x_eps(x, eps, alpha, sigma)
+    return eps if prediction_type == "epsilon" else x
+
+
+def output_from_x_eps_hat(prediction_type: str, x_hat: Array, eps_hat: Array, alpha: Array,
+                          sigma: Array) -> Array:
+    """The output of this prediction type that denoises to (x_hat, eps_hat) (the inverse of
+    `denoise` when x_hat and eps_hat are consistent with z_t; no division)."""
+    return prediction_target(prediction_type, x_hat, eps_hat, alpha, sigma)
 
 
 # Per-example loss weights w(logsnr). With z_t fixed, the errors in the three spaces are tied by

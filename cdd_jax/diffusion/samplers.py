@@ -1,7 +1,8 @@
-"""Deterministic samplers of the probability-flow ODE for a v-prediction model.
+"""Deterministic samplers of the probability-flow ODE.
 
-`model_fn(z, t) -> v_hat` with t a float32 scalar array. Two solvers on a descending time grid
-t_0 = t_max > t_1 > ... > t_K (usually 1 -> 0):
+`model_fn(z, t) -> output` with t a float32 scalar array; the output is read in the network's
+own parameterisation (`prediction_type`: "v_prediction" by default, "epsilon", "sample").
+Two solvers on a descending time grid t_0 = t_max > t_1 > ... > t_K (usually 1 -> 0):
 
 - DDIM (first order): z_s = alpha_s x_hat(z_t, t) + sigma_s eps_hat(z_t, t), no noise re-injected.
 - DPM-Solver++(2M) (Lu et al. 2022, second-order multistep in the data prediction), with
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cdd_jax.diffusion.parameterization import bcast, eps_from_v, x_from_v
+from cdd_jax.diffusion.parameterization import bcast, check_prediction_type, denoise
 from cdd_jax.diffusion.schedules import Schedule
 
 __all__ = [
@@ -107,21 +108,21 @@ def _check_grid(timesteps: Any) -> np.ndarray:
 # --------------------------------------------------------------------------- single steps
 
 
-def _predict(model_fn: ModelFn, z_t, t, schedule: Schedule):
-    """Runs the model once; returns (x_hat, eps_hat, alpha_t, sigma_t)."""
+def _predict(model_fn: ModelFn, z_t, t, schedule: Schedule, prediction_type: str):
+    """Runs the model once; returns (x_hat, eps_hat)."""
     t = jnp.asarray(t, dtype=jnp.float32)
     alpha_t, sigma_t = schedule.alpha_sigma(t)
-    v_hat = model_fn(z_t, t)
-    return x_from_v(z_t, v_hat, alpha_t, sigma_t), eps_from_v(z_t, v_hat, alpha_t, sigma_t)
+    return denoise(prediction_type, z_t, model_fn(z_t, t), alpha_t, sigma_t)
 
 
-def ddim_step(model_fn: ModelFn, z_t: jax.Array, t, s, schedule: Schedule):
+def ddim_step(model_fn: ModelFn, z_t: jax.Array, t, s, schedule: Schedule,
+              prediction_type: str = "v_prediction"):
     """One DDIM step t -> s: z_s = alpha_s x_hat + sigma_s eps_hat. Returns (z_s, x_hat).
 
     t and s are scalars (or (B,) arrays); the plain formula is used for every s, including s = 0
     (see the module docstring: `sample` returns x_hat on its final step instead).
     """
-    x_hat, eps_hat = _predict(model_fn, z_t, t, schedule)
+    x_hat, eps_hat = _predict(model_fn, z_t, t, schedule, prediction_type)
     alpha_s, sigma_s = schedule.alpha_sigma(jnp.asarray(s, dtype=jnp.float32))
     ndim = z_t.ndim
     return bcast(alpha_s, ndim) * x_hat + bcast(sigma_s, ndim) * eps_hat, x_hat
@@ -139,6 +140,7 @@ def dpmpp_2m_step(
     schedule: Schedule,
     x_hat_prev: jax.Array | None = None,
     h_prev: jax.Array | None = None,
+    prediction_type: str = "v_prediction",
 ):
     """One DPM-Solver++(2M) step t -> s. Returns (z_s, x_hat_t, h).
 
@@ -150,7 +152,7 @@ def dpmpp_2m_step(
         raise ValueError("pass both x_hat_prev and h_prev, or neither (first step)")
     t = jnp.asarray(t, dtype=jnp.float32)
     s = jnp.asarray(s, dtype=jnp.float32)
-    x_hat, _ = _predict(model_fn, z_t, t, schedule)
+    x_hat, _ = _predict(model_fn, z_t, t, schedule, prediction_type)
     alpha_t, sigma_t = schedule.alpha_sigma(t)
     alpha_s, sigma_s = schedule.alpha_sigma(s)
     h = _half_lambda(schedule, s) - _half_lambda(schedule, t)
@@ -190,15 +192,17 @@ def sample(
     sampler: str = "ddim",
     timesteps: Any = None,
     return_trajectory: bool = False,
+    prediction_type: str = "v_prediction",
 ):
     """Integrates the PF-ODE from z_T along a descending time grid; returns x (and trajectory).
 
     Args:
-      model_fn: (z, t) -> v_hat, t a float32 scalar array.
+      model_fn: (z, t) -> the network output, t a float32 scalar array.
       z_T: the starting state at timesteps[0] (usually pure noise at t = 1).
       schedule: a `Schedule`.
       num_steps: number of model calls; the grid defaults to time_grid(num_steps). Optional when
         `timesteps` is given, otherwise it must equal len(timesteps) - 1.
+      prediction_type: what model_fn outputs: "v_prediction", "epsilon" or "sample".
       sampler: "ddim" or "dpmpp_2m".
       timesteps: optional concrete, strictly descending times in [0, 1], including the final time.
       return_trajectory: also return the states at every grid time, shape (K + 1, *z_T.shape):
@@ -211,8 +215,10 @@ def sample(
         raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {list(SAMPLERS)}")
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
+    check_prediction_type(prediction_type)
     grid = _resolve_grid(num_steps, timesteps)
     z_T = jnp.asarray(z_T)
+    kind = dict(prediction_type=prediction_type)
     to_zero = grid[-1] == 0.0
     # The last step into t = 0 is taken separately (x_hat is returned); the rest runs in a scan.
     t_cur = jnp.asarray(grid[:-1], dtype=jnp.float32)
@@ -223,24 +229,26 @@ def sample(
     if sampler == "ddim":
 
         def body(z, ts):
-            z_s, _ = ddim_step(model_fn, z, ts[0], ts[1], schedule)
+            z_s, _ = ddim_step(model_fn, z, ts[0], ts[1], schedule, **kind)
             return z_s, z_s
 
         z, zs = jax.lax.scan(body, z_T, (t_cur[:num_scan], t_next[:num_scan]))
         states.append(zs)
         if to_zero:
-            _, z = ddim_step(model_fn, z, t_cur[-1], t_next[-1], schedule)
+            _, z = ddim_step(model_fn, z, t_cur[-1], t_next[-1], schedule, **kind)
             states.append(z[None])
     else:
         z, x_prev, h_prev = z_T, None, None
         if num_scan >= 1:  # first step: first order
-            z, x_prev, h_prev = dpmpp_2m_step(model_fn, z, t_cur[0], t_next[0], schedule)
+            z, x_prev, h_prev = dpmpp_2m_step(model_fn, z, t_cur[0], t_next[0], schedule,
+                                              **kind)
             states.append(z[None])
         if num_scan >= 2:
 
             def body(carry, ts):
                 z, x_prev, h_prev = carry
-                z_s, x_hat, h = dpmpp_2m_step(model_fn, z, ts[0], ts[1], schedule, x_prev, h_prev)
+                z_s, x_hat, h = dpmpp_2m_step(model_fn, z, ts[0], ts[1], schedule, x_prev, h_prev,
+                                              **kind)
                 return (z_s, x_hat, h), z_s
 
             (z, x_prev, h_prev), zs = jax.lax.scan(
@@ -248,7 +256,7 @@ def sample(
             )
             states.append(zs)
         if to_zero:  # lower-order final step: the data prediction at the last positive time
-            z, _ = _predict(model_fn, z, t_cur[-1], schedule)
+            z, _ = _predict(model_fn, z, t_cur[-1], schedule, prediction_type)
             states.append(z[None])
 
     if return_trajectory:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cdd_jax.diffusion import Schedule, add_noise, bcast, ddim_step, x_from_v
+from cdd_jax.diffusion import Schedule, add_noise, bcast, ddim_step, denoise
 from cdd_jax.distill.codi import ApplyFn, as_model_fn, distance, sample_codi_times, unpack_batch
 from cdd_jax.distill.config import GD_WEIGHTINGS
 
@@ -46,11 +46,12 @@ def consistency_fn(
     *,
     schedule: Schedule,
     cm_cfg: ml_collections.ConfigDict,
+    prediction_type: str = "v_prediction",
 ) -> jax.Array:
     """f_theta(z_t, t) = c_skip(t) z_t + c_out(t) x_hat_theta(z_t, t); f(z, t_min) = z exactly."""
     alpha_t, sigma_t = schedule.alpha_sigma(t)
-    v_hat = apply_fn(params, z_t, t, cond, rng).astype(jnp.float32)
-    x_hat = x_from_v(z_t, v_hat, alpha_t, sigma_t)
+    out = apply_fn(params, z_t, t, cond, rng).astype(jnp.float32)
+    x_hat, _ = denoise(prediction_type, z_t, out, alpha_t, sigma_t)
     c_skip, c_out = cm_scalings(
         t, sigma_data=cm_cfg.sigma_data, time_scale=cm_cfg.time_scale, t_min=cm_cfg.eps_t_min
     )
@@ -68,6 +69,7 @@ def cm_loss(
     schedule: Schedule,
     cfg: ml_collections.ConfigDict,
     finetuned_apply_fn: ApplyFn | None = None,
+    prediction_type: str = "v_prediction",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Consistency distillation: d(f_theta(z_t, t), sg f_theta_minus(z_hat_s, s)).
 
@@ -86,10 +88,10 @@ def cm_loss(
     teacher_fn = as_model_fn(
         finetuned_apply_fn or apply_fn, jax.lax.stop_gradient(finetuned_params), cond, x.shape[0]
     )
-    z_hat_s, _ = ddim_step(teacher_fn, z_t, t, s, schedule)
+    z_hat_s, _ = ddim_step(teacher_fn, z_t, t, s, schedule, prediction_type)
     z_hat_s = jax.lax.stop_gradient(z_hat_s)
 
-    kw = dict(schedule=schedule, cm_cfg=cfg.cm)
+    kw = dict(schedule=schedule, cm_cfg=cfg.cm, prediction_type=prediction_type)
     f_theta = consistency_fn(apply_fn, params, z_t, t, cond, rng_drop, **kw)
     f_minus = consistency_fn(
         apply_fn, jax.lax.stop_gradient(target_params), z_hat_s, s, cond, None, **kw
@@ -131,6 +133,7 @@ def gd_loss(
     schedule: Schedule,
     cfg: ml_collections.ConfigDict,
     finetuned_apply_fn: ApplyFn | None = None,
+    prediction_type: str = "v_prediction",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Guided / progressive distillation (Salimans & Ho 2022; Meng et al. 2023), one round.
 
@@ -156,12 +159,12 @@ def gd_loss(
     teacher_fn = as_model_fn(
         finetuned_apply_fn or apply_fn, jax.lax.stop_gradient(finetuned_params), cond, x.shape[0]
     )
-    z_mid, _ = ddim_step(teacher_fn, z_t, t, t_mid, schedule)
-    z_tt, _ = ddim_step(teacher_fn, z_mid, t_mid, t_tt, schedule)
+    z_mid, _ = ddim_step(teacher_fn, z_t, t, t_mid, schedule, prediction_type)
+    z_tt, _ = ddim_step(teacher_fn, z_mid, t_mid, t_tt, schedule, prediction_type)
     x_tilde = jax.lax.stop_gradient(gd_target(z_t, z_tt, alpha_t, sigma_t, alpha_tt, sigma_tt))
 
-    v_hat = apply_fn(params, z_t, t, cond, rng_drop).astype(jnp.float32)
-    x_hat = x_from_v(z_t, v_hat, alpha_t, sigma_t)
+    out = apply_fn(params, z_t, t, cond, rng_drop).astype(jnp.float32)
+    x_hat, _ = denoise(prediction_type, z_t, out, alpha_t, sigma_t)
     if cfg.gd.weighting == "truncated_snr":
         w = jnp.maximum(schedule.snr(t), 1.0)
     else:

@@ -3,7 +3,7 @@
 Mei et al., "Conditional Diffusion Distillation" (CVPR 2024), eq. 11-12 and Algorithm 1:
 
     t = k / N, k ~ U{1..N} (one per batch), s = t - 1/N,   z_t = alpha_t x + sigma_t eps
-    x_hat_t, eps_hat_t  <- online v_hat_theta(z_t, t, c)
+    x_hat_t, eps_hat_t  <- online network at (z_t, t, c), read in its prediction type
     z_hat_s = alpha_s x_hat_t + sigma_s eps                        (PREv: the REAL noise)
     eps_hat_minus       <- sg(target v_hat_theta_minus(sg(z_hat_s), s, c))
     L = w(t) d_eps(eps_hat_t, eps_hat_minus) + lambda d_x(x, x_hat_t)
@@ -11,6 +11,9 @@ Mei et al., "Conditional Diffusion Distillation" (CVPR 2024), eq. 11-12 and Algo
 At s = 0 (k = 1) the target's noise prediction is ill-posed (the noise is invisible in z_0);
 cfg.boundary = "real_noise" (default) uses the PREv noise eps there instead, "target" keeps the
 literal target-network evaluation.
+
+Every objective reads the network in the teacher's own parameterisation (`prediction_type`:
+"v_prediction", "epsilon" or "sample", `cdd_jax.diffusion.denoise`); the student keeps it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cdd_jax.diffusion import Schedule, add_noise, bcast, eps_from_v, loss_weight, x_from_v
+from cdd_jax.diffusion import Schedule, add_noise, bcast, denoise, loss_weight
 from cdd_jax.distill.config import BOUNDARIES, DISTANCES, EPS_WEIGHTINGS, PREDICTORS
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array | None, jax.Array | None], jax.Array]
@@ -40,7 +43,7 @@ def unpack_batch(batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array | None]
 
 
 def as_model_fn(apply_fn: ApplyFn, params: Any, cond: jax.Array | None, batch_size: int):
-    """The samplers' `model_fn(z, t) -> v_hat` (float32), t broadcast to (B,); deterministic."""
+    """The samplers' `model_fn(z, t) -> output` (float32), t broadcast to (B,); deterministic."""
 
     def model_fn(z, t):
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch_size,))
@@ -110,9 +113,11 @@ def codi_loss(
     *,
     schedule: Schedule,
     cfg: ml_collections.ConfigDict,
+    prediction_type: str = "v_prediction",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """CoDi loss (Algorithm 1). `target_params` is theta_minus (the target EMA); no gradient
-    reaches it. The target network runs deterministically (rng None). Returns (loss, metrics)."""
+    reaches it. The target network runs deterministically (rng None). `prediction_type`: what
+    the network outputs (the teacher's own parameterisation). Returns (loss, metrics)."""
     if cfg.predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {cfg.predictor!r}; valid: {PREDICTORS}")
     if cfg.boundary not in BOUNDARIES:
@@ -128,15 +133,15 @@ def codi_loss(
     eps = jax.random.normal(rng_eps, x.shape, jnp.float32)
     z_t = add_noise(x, eps, alpha_t, sigma_t)
     # 3. Online prediction.
-    v_hat = apply_fn(params, z_t, t, cond, rng_drop).astype(jnp.float32)
-    x_hat_t = x_from_v(z_t, v_hat, alpha_t, sigma_t)
-    eps_hat_t = eps_from_v(z_t, v_hat, alpha_t, sigma_t)
+    out = apply_fn(params, z_t, t, cond, rng_drop).astype(jnp.float32)
+    x_hat_t, eps_hat_t = denoise(prediction_type, z_t, out, alpha_t, sigma_t)
     # 4. PREv: one DDIM step to s with the real noise (or eps_hat_t for the "ddim" option).
     noise = eps if cfg.predictor == "prev" else eps_hat_t
     z_hat_s = jax.lax.stop_gradient(prev_predictor(x_hat_t, noise, alpha_s, sigma_s))
     # 5. Target noise prediction by theta_minus at (z_hat_s, s, c).
-    v_minus = apply_fn(jax.lax.stop_gradient(target_params), z_hat_s, s, cond, None)
-    eps_hat_minus = eps_from_v(z_hat_s, v_minus.astype(jnp.float32), alpha_s, sigma_s)
+    out_minus = apply_fn(jax.lax.stop_gradient(target_params), z_hat_s, s, cond, None)
+    _, eps_hat_minus = denoise(prediction_type, z_hat_s, out_minus.astype(jnp.float32), alpha_s,
+                               sigma_s)
     if cfg.boundary == "real_noise":
         eps_hat_minus = jnp.where(bcast(s == 0.0, x.ndim), eps, eps_hat_minus)
     eps_hat_minus = jax.lax.stop_gradient(eps_hat_minus)

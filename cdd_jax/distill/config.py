@@ -5,7 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from cdd_jax import config_checks as checks
-from cdd_jax.diffusion import SCHEDULES
+from cdd_jax.diffusion import PREDICTION_TYPES, SCHEDULES
 from cdd_jax.distill.ema import WARMUPS as EMA_WARMUPS
 
 OBJECTIVES = ("codi", "pe_codi", "finetune", "cm", "gd", "direct_cm")
@@ -92,7 +92,13 @@ def diffusion_config() -> ml_collections.ConfigDict:
     """The `diffusion` section: the noise schedule and the pretraining loss weighting."""
     c = ml_collections.ConfigDict()
     c.schedule = "cosine"  # "cosine" | "linear" | "scaled_linear" (see cdd_jax.diffusion).
-    c.weighting = "none"  # v-loss weighting: "none" | "min_snr" | "truncated_snr" | "snr_plus_one".
+    # What the network outputs, in diffusers' names: "v_prediction" | "epsilon" | "sample". Every
+    # loss and sampler reads the network in it; a diffusers teacher's scheduler config must agree
+    # (checked by `stages.teacher.resolve_teacher` before anything is built).
+    c.prediction_type = "v_prediction"
+    # Diffusion-loss weighting (in the space it names, applied to the output's MSE):
+    # "none" | "min_snr" | "truncated_snr" | "snr_plus_one".
+    c.weighting = "none"
     c.snr_gamma = 5.0  # gamma of the min-SNR weighting.
     return c
 
@@ -101,6 +107,7 @@ def validate_diffusion_config(cfg: ml_collections.ConfigDict) -> None:
     checks.check_keys(cfg, diffusion_config(), "diffusion.")
     checks.choice(cfg, "schedule", tuple(SCHEDULES), prefix="diffusion.")
     checks.choice(cfg, "weighting", DIFFUSION_WEIGHTINGS, prefix="diffusion.")
+    checks.choice(cfg, "prediction_type", PREDICTION_TYPES, prefix="diffusion.")
     checks.number(cfg, "snr_gamma", 0, lo_open=True, prefix="diffusion.")
 
 

@@ -26,7 +26,8 @@ from cdd_jax.distill.codi import ApplyFn, as_model_fn, distance, sample_codi_tim
 
 
 def teacher_ode_solve(
-    model_fn, z_t: jax.Array, t: jax.Array, t_end: float, num_steps: int, schedule: Schedule
+    model_fn, z_t: jax.Array, t: jax.Array, t_end: float, num_steps: int, schedule: Schedule,
+    prediction_type: str = "v_prediction",
 ) -> jax.Array:
     """`num_steps` DDIM steps from z_t at t (shape (B,)) to t_end on the per-example uniform grid
     t_i = t_end + (t - t_end)(1 - i / M); returns the state z at t_end (the plain DDIM formula,
@@ -37,7 +38,7 @@ def teacher_ode_solve(
 
     def body(z, pair):
         t_cur, t_next = (t_end + (t - t_end) * f for f in pair)
-        return ddim_step(model_fn, z, t_cur, t_next, schedule)[0], None
+        return ddim_step(model_fn, z, t_cur, t_next, schedule, prediction_type)[0], None
 
     z, _ = jax.lax.scan(body, z_t, (fracs[:-1], fracs[1:]))
     return z
@@ -53,6 +54,7 @@ def direct_cm_loss(
     schedule: Schedule,
     cfg: ml_collections.ConfigDict,
     finetuned_apply_fn: ApplyFn | None = None,
+    prediction_type: str = "v_prediction",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Direct CM loss d(f_theta(z_t, t), sg ODE_teacher(z_t, t -> t_min)).
 
@@ -74,12 +76,12 @@ def direct_cm_loss(
     )
     # as_model_fn broadcasts a scalar t; here t is already per example, which it passes through.
     z_target = teacher_ode_solve(
-        teacher_fn, z_t, t, t_min, cfg.direct_cm.num_teacher_steps, schedule
+        teacher_fn, z_t, t, t_min, cfg.direct_cm.num_teacher_steps, schedule, prediction_type
     )
     z_target = jax.lax.stop_gradient(z_target)
 
     f_theta = consistency_fn(apply_fn, params, z_t, t, cond, rng_drop, schedule=schedule,
-                             cm_cfg=cfg.cm)
+                             cm_cfg=cfg.cm, prediction_type=prediction_type)
     d = distance(cfg.cm.distance, f_theta, z_target, huber_c=cfg.pseudo_huber_c)
     loss = jnp.mean(d)
     return loss, {"loss": loss, "t_mean": t.mean()}

@@ -57,8 +57,10 @@ def compute_loss(
     cfg: ml_collections.ConfigDict,
     target_params: Any = None,
     finetuned_params: Any = None,
+    prediction_type: str = "v_prediction",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Loss of `cfg.objective` ("pe_codi" is the CoDi loss; the trainer freezes the backbone)."""
+    """Loss of `cfg.objective` ("pe_codi" is the CoDi loss; the trainer freezes the backbone),
+    with the network read in its `prediction_type` (the teacher's, `diffusion.prediction_type`)."""
     objective = cfg.objective
     spec = objective_spec(objective)
     if spec.uses_target and target_params is None:
@@ -66,14 +68,15 @@ def compute_loss(
     if spec.uses_finetuned and finetuned_params is None:
         raise ValueError(f"objective {objective!r} needs finetuned_params")
     if objective in ("codi", "pe_codi"):
-        return codi_loss(apply_fn, params, target_params, batch, rng, schedule=schedule, cfg=cfg)
+        return codi_loss(apply_fn, params, target_params, batch, rng, schedule=schedule, cfg=cfg,
+                         prediction_type=prediction_type)
     if objective == "finetune":
         return diffusion_loss(apply_fn, params, batch, rng, schedule=schedule,
-                              weighting=cfg.diffusion_weighting, snr_gamma=cfg.snr_gamma)
+                              weighting=cfg.diffusion_weighting, snr_gamma=cfg.snr_gamma,
+                              prediction_type=prediction_type)
+    kw = dict(schedule=schedule, cfg=cfg, prediction_type=prediction_type)
     if objective == "cm":
-        return cm_loss(apply_fn, params, target_params, finetuned_params, batch, rng,
-                       schedule=schedule, cfg=cfg)
+        return cm_loss(apply_fn, params, target_params, finetuned_params, batch, rng, **kw)
     if objective == "direct_cm":
-        return direct_cm_loss(apply_fn, params, finetuned_params, batch, rng, schedule=schedule,
-                              cfg=cfg)
-    return gd_loss(apply_fn, params, finetuned_params, batch, rng, schedule=schedule, cfg=cfg)
+        return direct_cm_loss(apply_fn, params, finetuned_params, batch, rng, **kw)
+    return gd_loss(apply_fn, params, finetuned_params, batch, rng, **kw)

@@ -1,4 +1,5 @@
-"""Sampling a conditional v-prediction network: few-step distilled students and baseline teachers.
+"""Sampling a conditional network (read in its `prediction_type`): few-step distilled students
+and baseline teachers.
 
 All samplers start from z_T ~ N(0, I) at t = 1 and are deterministic given `rng` (DDIM and
 DPM-Solver++ use it only for z_T). Jittable with the step count and grid static.
@@ -23,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from cdd_jax.diffusion import SAMPLERS, Schedule, add_noise, released_grid, sample, time_grid
-from cdd_jax.diffusion.parameterization import x_from_v
+from cdd_jax.diffusion.parameterization import denoise
 from cdd_jax.distill.baselines import consistency_fn
 from cdd_jax.distill.codi import ApplyFn, as_model_fn
 
@@ -72,6 +73,7 @@ def solver_sample(
     train_steps: int = 50,
     shape: tuple[int, ...] | None = None,
     noise: NoiseFn | None = None,
+    prediction_type: str = "v_prediction",
 ) -> jax.Array:
     """Samples with DDIM or DPM-Solver++(2M) (no noise re-injection); returns x (NHWC).
 
@@ -82,7 +84,8 @@ def solver_sample(
     timesteps = sampling_grid(grid, num_steps, train_steps)
     z_T = _start(cond, rng, shape, noise)
     model_fn = as_model_fn(apply_fn, params, cond, z_T.shape[0])
-    return sample(model_fn, z_T, schedule=schedule, sampler=sampler, timesteps=timesteps)
+    return sample(model_fn, z_T, schedule=schedule, sampler=sampler, timesteps=timesteps,
+                  prediction_type=prediction_type)
 
 
 def few_step_sample(
@@ -98,6 +101,7 @@ def few_step_sample(
     shape: tuple[int, ...] | None = None,
     renoise: str = "ddim",
     noise: NoiseFn | None = None,
+    prediction_type: str = "v_prediction",
 ) -> jax.Array:
     """K-step sampling of a distilled student; returns x. `renoise` (module docstring): "ddim"
     is the paper's few-step sampler, "fresh" re-noises each prediction with new noise.
@@ -105,7 +109,8 @@ def few_step_sample(
     if renoise == "ddim":
         return solver_sample(apply_fn, params, cond, rng, schedule=schedule,
                               num_steps=num_steps, sampler="ddim", grid=grid,
-                              train_steps=train_steps, shape=shape, noise=noise)
+                              train_steps=train_steps, shape=shape, noise=noise,
+                              prediction_type=prediction_type)
     if renoise != "fresh":
         raise ValueError(f"unknown renoise {renoise!r}; valid: {RENOISE}")
     timesteps = sampling_grid(grid, num_steps, train_steps)
@@ -114,7 +119,7 @@ def few_step_sample(
 
     def predict(z_t, t):
         alpha, sigma = schedule.alpha_sigma(t)
-        return x_from_v(z_t, model_fn(z_t, t), alpha, sigma)  # broadcasts (B,) itself
+        return denoise(prediction_type, z_t, model_fn(z_t, t), alpha, sigma)[0]
 
     return _renoise_fresh(predict, z, [float(t) for t in timesteps if t > 0], schedule,
                           jax.random.fold_in(rng, 1), noise)
@@ -149,6 +154,7 @@ def consistency_sample(
     grid: str = "uniform",
     train_steps: int = 50,
     shape: tuple[int, ...] | None = None,
+    prediction_type: str = "v_prediction",
 ) -> jax.Array:
     """Multistep consistency sampling for the CM baseline: x = f(z, t_k), then re-noise to
     t_{k+1} with FRESH noise, over the grid's positive times; returns the last f."""
@@ -158,5 +164,5 @@ def consistency_sample(
     times = [float(t) for t in timesteps if t > cm_cfg.eps_t_min]
     return _renoise_fresh(
         lambda z_t, t: consistency_fn(apply_fn, params, z_t, t, cond, None, schedule=schedule,
-                                      cm_cfg=cm_cfg),
+                                      cm_cfg=cm_cfg, prediction_type=prediction_type),
         z, times, schedule, rng_steps)

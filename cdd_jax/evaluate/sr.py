@@ -67,7 +67,7 @@ def student_methods(config: ml_collections.ConfigDict, apply_fn: ApplyFn, params
                 continue  # One step never re-noises: the same samples as the first row's.
             fn = jax.jit(lambda cond, rng, k=k, r=renoise: few_step_sample(
                 apply_fn, params, cond, rng, schedule=schedule, num_steps=k, grid=ecfg.grid,
-                renoise=r))
+                renoise=r, prediction_type=config.diffusion.prediction_type))
             methods[student_key(k, renoise, ecfg.renoise)] = MethodSpec(
                 config.distill.objective, f"{renoise}-{ecfg.grid}", k,
                 lambda cond, lq, rng, fn=fn: fn(cond, rng))

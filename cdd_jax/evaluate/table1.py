@@ -131,7 +131,8 @@ def row_methods(
         raise ValueError(f"unknown table1 row {row!r}; valid: {ROWS}")
     methods = {}
     for sampler, k in plan:
-        kw = dict(schedule=schedule, num_steps=k, grid=grid)
+        kw = dict(schedule=schedule, num_steps=k, grid=grid,
+                  prediction_type=config.diffusion.prediction_type)
         if sampler == "consistency":
             fn = jax.jit(
                 lambda p, cond, rng, kw=kw: consistency_sample(

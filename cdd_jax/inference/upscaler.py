@@ -79,7 +79,7 @@ class Upscaler:
         s = self.student
         return few_step_sample(s.apply_fn, params, cond, key, schedule=s.schedule,
                                num_steps=steps, grid=s.config.evaluate.grid, renoise=renoise,
-                               noise=noise)
+                               noise=noise, prediction_type=s.config.diffusion.prediction_type)
 
     def upscale_rgb(self, rgb: np.ndarray, *, steps: int | None = None, seed: int = 0,
                     renoise: str | None = None, offset: tuple[int, int] = (0, 0),

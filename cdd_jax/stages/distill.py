@@ -42,7 +42,8 @@ def _heldout_psnr(config, apply_fn: ApplyFn, schedule: Schedule, eval_set: dict)
         for k, renoise in [(1, "ddim")] + [(4, r) for r in config.evaluate.renoise]:
             x = few_step_sample(apply_fn, params, probe["cond"], jax.random.key(7),
                                 schedule=schedule, num_steps=k, grid=config.evaluate.grid,
-                                renoise=renoise)
+                                renoise=renoise,
+                                prediction_type=config.diffusion.prediction_type)
             mse = jnp.mean((jnp.clip(x, -1, 1) - probe["image"]) ** 2, axis=(1, 2, 3)) / 4.0
             name = f"heldout_psnr_K{k}" + ("" if renoise == "ddim" else f"_{renoise}")
             out[name] = jnp.mean(-10 * jnp.log10(mse))
@@ -83,7 +84,8 @@ def distill_job(config: ml_collections.ConfigDict, teacher_params: PyTree, eval_
 
     def loss_fn(params, target_params, finetuned, batch, rng):
         return compute_loss(apply_fn, params, batch, rng, schedule=schedule, cfg=dcfg,
-                            target_params=target_params, finetuned_params=finetuned)
+                            target_params=target_params, finetuned_params=finetuned,
+                            prediction_type=config.diffusion.prediction_type)
 
     student_psnr = _heldout_psnr(config, apply_fn, schedule, eval_set)
     sr = SRPairTransform(config.degradation, size)

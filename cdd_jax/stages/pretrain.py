@@ -16,7 +16,7 @@ import numpy as np
 
 from cdd_jax.convert.pipeline import save_pipeline, scheduler_config
 from cdd_jax.data.pipeline import build_train_dataset, make_eval_set
-from cdd_jax.diffusion import Schedule, get_schedule, sample
+from cdd_jax.diffusion import Schedule, get_schedule, prediction_target, sample
 from cdd_jax.distill.diffusion_loss import diffusion_loss
 from cdd_jax.evaluate.figures import tile_images
 from cdd_jax.models.apply import ApplyFn, unet_apply_fn
@@ -31,8 +31,9 @@ PyTree = Any
 
 
 def heldout_denoising_loss(apply_fn: ApplyFn, schedule: Schedule, images: np.ndarray,
-                           seed: int = 0):
-    """A jitted fn(params) -> v-MSE on fixed held-out crops, fixed noise, t on a fixed grid."""
+                           seed: int = 0, prediction_type: str = "v_prediction"):
+    """A jitted fn(params) -> MSE of the network's output (v for a v-prediction network) on fixed
+    held-out crops, fixed noise, t on a fixed grid."""
     images = jnp.asarray(images)
     n = images.shape[0]
     t = jnp.linspace(0.05, 0.95, n)
@@ -42,8 +43,8 @@ def heldout_denoising_loss(apply_fn: ApplyFn, schedule: Schedule, images: np.nda
     def loss(params):
         alpha, sigma = schedule.alpha_sigma(t)
         a, s = alpha[:, None, None, None], sigma[:, None, None, None]
-        v_hat = apply_fn(params, a * images + s * eps, t, None, None)
-        return jnp.mean((v_hat - (a * eps - s * images)) ** 2)
+        out = apply_fn(params, a * images + s * eps, t, None, None)
+        return jnp.mean((out - prediction_target(prediction_type, images, eps, a, s)) ** 2)
 
     return loss
 
@@ -54,13 +55,15 @@ def pretrain_job(config: ml_collections.ConfigDict) -> tuple[Job, Any]:
     model = backbone_from_config(config.model, size)
     apply_fn = unet_apply_fn(model, timestep_scale(config.model))
     schedule = get_schedule(config.diffusion.schedule)
+    kind = config.diffusion.prediction_type
     heldout = heldout_denoising_loss(apply_fn, schedule,
-                                     make_eval_set(config.data, task="pretrain")["image"])
+                                     make_eval_set(config.data, task="pretrain")["image"],
+                                     prediction_type=kind)
 
     def loss_fn(params, target_params, finetuned_params, batch, rng):
         return diffusion_loss(apply_fn, params, batch, rng, schedule=schedule,
                               weighting=config.diffusion.weighting,
-                              snr_gamma=config.diffusion.snr_gamma)
+                              snr_gamma=config.diffusion.snr_gamma, prediction_type=kind)
 
     n_img = config.train.num_sample_images
     z_T = jax.random.normal(jax.random.key(config.seed + 1), (n_img, size, size, 3))
@@ -70,7 +73,8 @@ def pretrain_job(config: ml_collections.ConfigDict) -> tuple[Job, Any]:
         def model_fn(z, t):
             return apply_fn(params, z, jnp.broadcast_to(t, (z.shape[0],)), None, None)
 
-        return sample(model_fn, z_T, schedule=schedule, num_steps=config.train.sample_steps)
+        return sample(model_fn, z_T, schedule=schedule, num_steps=config.train.sample_steps,
+                      prediction_type=kind)
 
     job = Job(
         name="pretrain",
@@ -116,6 +120,7 @@ def export_teacher(out: str, params: PyTree, config: ml_collections.ConfigDict,
         module = backbone_from_config(config.model, config.data.crop_size)
         save_pipeline(out, module, jax.device_get(params),
                       scheduler=scheduler_config(config.diffusion.schedule,
-                                                 config.model.num_train_timesteps),
+                                                 config.model.num_train_timesteps,
+                                                 config.diffusion.prediction_type),
                       metadata=meta)
     barrier("cdd_jax:export_teacher")

@@ -19,6 +19,7 @@ import ml_collections
 from cdd_jax import config_checks as checks
 from cdd_jax.convert import pipeline
 from cdd_jax.convert.diffusers import canonical_json, load_diffusers
+from cdd_jax.diffusion import PREDICTION_TYPES
 from cdd_jax.models.backbone import unet2d_config
 from cdd_jax.stages.pretrain import pretrain
 from cdd_jax.train.checkpoint import load_params
@@ -99,18 +100,24 @@ def resolve_teacher(config: ml_collections.ConfigDict) -> None:
     facts = pipeline.read_schedule(path)
     if facts is None:
         logging.warning("teacher %s has no scheduler config: assuming config.diffusion "
-                        "(schedule %r, v-prediction)", path, config.diffusion.schedule)
+                        "(schedule %r, %s)", path, config.diffusion.schedule,
+                        config.diffusion.prediction_type)
         return
     check_schedule(path, facts, config)
     config.model.num_train_timesteps = int(facts["num_train_timesteps"])
 
 
 def check_schedule(path: str, facts: dict, config: ml_collections.ConfigDict) -> None:
-    """ValueError when a teacher's scheduler is not the one the job's diffusion core uses."""
-    if facts["prediction_type"] != "v_prediction":
-        raise ValueError(f"teacher {path!r} predicts {facts['prediction_type']!r}; the "
-                         "diffusion core of this version trains and samples v-prediction "
-                         "teachers only")
+    """ValueError when a teacher's scheduler is not the one the job's diffusion core uses: its
+    prediction type must be `diffusion.prediction_type` (the student keeps the teacher's)."""
+    kind = facts["prediction_type"]
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"teacher {path!r} predicts {kind!r}, which cdd_jax cannot read; "
+                         f"supported prediction types: {PREDICTION_TYPES}")
+    if kind != config.diffusion.prediction_type:
+        raise ValueError(f"teacher {path!r} predicts {kind!r} (its scheduler config) but "
+                         f"diffusion.prediction_type={config.diffusion.prediction_type!r}; set "
+                         f"--config.diffusion.prediction_type={kind}")
     own = facts.get("cdd_jax_schedule") or {}
     name = own.get("name") or {"scaled_linear": "scaled_linear"}.get(facts["beta_schedule"])
     if name != config.diffusion.schedule:
@@ -142,5 +149,9 @@ def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
         return params
     params, meta = load_params(path)
     check_teacher_matches(path, meta, config.model)
+    saved_kind = meta.get("diffusion", {}).get("prediction_type", "v_prediction")
+    if saved_kind != config.diffusion.prediction_type:
+        raise ValueError(f"teacher checkpoint {path!r} predicts {saved_kind!r} but "
+                         f"diffusion.prediction_type={config.diffusion.prediction_type!r}")
     return params
 

@@ -115,58 +115,113 @@ class UNet2DConditionModel(DiffusersModel):
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps, encoder_hidden_states: jax.Array | None = None,
-                 *, train: bool = False) -> jax.Array:
-        cfg = self.config
-        validate(cfg)
-        activation(cfg["act_fn"])
-        if encoder_hidden_states is None:
-            raise ValueError("UNet2DConditionModel needs encoder_hidden_states [B, T, "
-                             f"{cfg['cross_attention_dim']}]")
-        ch = cfg["block_out_channels"]
-        n = len(ch)
-        if sample.ndim != 4 or sample.shape[1] % 2 ** (n - 1) or sample.shape[2] % 2 ** (n - 1):
-            raise ValueError(f"sample must be NHWC with H, W divisible by {2 ** (n - 1)}, "
-                             f"got shape {sample.shape}")
-        heads = per_level(cfg["attention_head_dim"], n, "attention_head_dim")  # head counts
-        layers = per_level(cfg["layers_per_block"], n, "layers_per_block")
-        t_layers = per_level(cfg["transformer_layers_per_block"], n,
-                             "transformer_layers_per_block")
-        x = sample.astype(self.dtype)
-        if cfg["center_input_sample"]:
-            x = 2 * x - 1.0
-        context = encoder_hidden_states.astype(self.dtype)
-        t = broadcast_timesteps(timesteps, x.shape[0])
-        t_emb = timestep_embedding(t, ch[0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
-        emb = TimestepEmbedding(cfg["time_embedding_dim"] or 4 * ch[0], self.dtype,
-                                name="time_embedding")(t_emb)
-        common = dict(groups=cfg["norm_num_groups"], eps=cfg["norm_eps"], dropout=cfg["dropout"],
-                      use_linear_projection=cfg["use_linear_projection"],
-                      upcast=cfg["upcast_attention"], remat=self.remat, dtype=self.dtype)
-        det = not train
+                 *, train: bool = False, skip_residuals=None, middle_residual=None,
+                 input_residual=None) -> jax.Array:
+        """The residuals (all optional) are where a control encoder's gated features join, as in
+        `UNet2DModel`: `input_residual` after `conv_in`, `skip_residuals` on the skip features
+        (shallowest first), `middle_residual` on the mid block's output."""
+        emb, context = time_features(self, sample, timesteps, encoder_hidden_states)
+        skips, h = encoder_features(self, sample, emb, context, train=train,
+                                    input_residual=input_residual)
+        if skip_residuals is not None:
+            skips = [s + r for s, r in zip(skips, skip_residuals, strict=True)]
+        if middle_residual is not None:
+            h = h + middle_residual
+        return decoder_output(self, h, skips, emb, context, train=train)
 
-        h = constrain(conv(ch[0], cfg["conv_in_kernel"], name="conv_in", dtype=self.dtype)(x))
-        skips = [h]
-        for i, btype in enumerate(cfg["down_block_types"]):
-            h, res = DownBlock(attn="cross" if btype == "CrossAttnDownBlock2D" else None,
-                               heads=heads[i], transformer_layers=t_layers[i], out_channels=ch[i],
-                               num_layers=layers[i], add_downsample=i < n - 1,
-                               downsample_padding=cfg["downsample_padding"], **common,
-                               name=f"down_blocks_{i}")(h, emb, context, det)
-            skips.extend(res)
-        if cfg["mid_block_type"] is not None:
-            h = MidBlock(attn="cross", heads=heads[-1], transformer_layers=t_layers[-1],
-                         output_scale_factor=cfg["mid_block_scale_factor"], **common,
-                         name="mid_block")(h, emb, context, det)
-        for i, btype in enumerate(cfg["up_block_types"]):
-            lvl = n - 1 - i
-            k = layers[lvl] + 1
-            res, skips = skips[-k:], skips[:-k]
-            h = UpBlock(attn="cross" if btype == "CrossAttnUpBlock2D" else None,
-                        heads=heads[lvl], transformer_layers=t_layers[lvl], out_channels=ch[lvl],
-                        num_layers=k, add_upsample=i < n - 1, **common,
-                        name=f"up_blocks_{i}")(h, res, emb, context, det)
-        h = group_norm(cfg["norm_num_groups"], cfg["norm_eps"], name="conv_norm_out",
-                       dtype=self.dtype)(h)
-        out = conv(cfg["out_channels"], cfg["conv_out_kernel"], name="conv_out",
-                   dtype=self.dtype)(nn.silu(h))
-        return out.astype(jnp.float32)
+
+# The three parts below build their submodules in the scope of the module whose compact method
+# calls them: `UNet2DConditionModel` itself, or a control encoder that duplicates the encoder half
+# under its own name (`cdd_jax.models.control`), with the same parameter names as the teacher's.
+
+
+def _levels(cfg: dict) -> tuple[list, list, list]:
+    n = len(cfg["block_out_channels"])
+    return (per_level(cfg["attention_head_dim"], n, "attention_head_dim"),  # head counts
+            per_level(cfg["layers_per_block"], n, "layers_per_block"),
+            per_level(cfg["transformer_layers_per_block"], n, "transformer_layers_per_block"))
+
+
+def _common(cfg: dict, u: DiffusersModel) -> dict:
+    return dict(groups=cfg["norm_num_groups"], eps=cfg["norm_eps"], dropout=cfg["dropout"],
+                use_linear_projection=cfg["use_linear_projection"],
+                upcast=cfg["upcast_attention"], remat=u.remat, dtype=u.dtype)
+
+
+def time_features(u: UNet2DConditionModel, sample: jax.Array, timesteps,
+                  encoder_hidden_states: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Checks the inputs; (`time_embedding` of the timesteps [B, D], the context in the compute
+    dtype [B, T, cross_attention_dim])."""
+    cfg = u.config
+    validate(cfg)
+    activation(cfg["act_fn"])
+    width = cfg["cross_attention_dim"]
+    if encoder_hidden_states is None or encoder_hidden_states.ndim != 3 or (
+            encoder_hidden_states.shape[-1] != width):
+        got = None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)
+        raise ValueError(f"UNet2DConditionModel needs encoder_hidden_states [B, T, {width}], "
+                         f"got {got}")
+    ch = cfg["block_out_channels"]
+    n = len(ch)
+    if sample.ndim != 4 or sample.shape[1] % 2 ** (n - 1) or sample.shape[2] % 2 ** (n - 1):
+        raise ValueError(f"sample must be NHWC with H, W divisible by {2 ** (n - 1)}, "
+                         f"got shape {sample.shape}")
+    t = broadcast_timesteps(timesteps, sample.shape[0])
+    t_emb = timestep_embedding(t, ch[0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
+    emb = TimestepEmbedding(cfg["time_embedding_dim"] or 4 * ch[0], u.dtype,
+                            name="time_embedding")(t_emb)
+    return emb, encoder_hidden_states.astype(u.dtype)
+
+
+def encoder_features(u: UNet2DConditionModel, sample: jax.Array, emb: jax.Array,
+                     context: jax.Array, *, train: bool,
+                     input_residual=None) -> tuple[list, jax.Array]:
+    """`conv_in`, the down blocks and the mid block: (skip features shallowest first, h)."""
+    cfg = u.config
+    ch = cfg["block_out_channels"]
+    n = len(ch)
+    heads, layers, t_layers = _levels(cfg)
+    common = _common(cfg, u)
+    x = sample.astype(u.dtype)
+    if cfg["center_input_sample"]:
+        x = 2 * x - 1.0
+    h = constrain(conv(ch[0], cfg["conv_in_kernel"], name="conv_in", dtype=u.dtype)(x))
+    if input_residual is not None:
+        h = h + input_residual
+    skips = [h]
+    for i, btype in enumerate(cfg["down_block_types"]):
+        h, res = DownBlock(attn="cross" if btype == "CrossAttnDownBlock2D" else None,
+                           heads=heads[i], transformer_layers=t_layers[i], out_channels=ch[i],
+                           num_layers=layers[i], add_downsample=i < n - 1,
+                           downsample_padding=cfg["downsample_padding"], **common,
+                           name=f"down_blocks_{i}")(h, emb, context, not train)
+        skips.extend(res)
+    if cfg["mid_block_type"] is not None:
+        h = MidBlock(attn="cross", heads=heads[-1], transformer_layers=t_layers[-1],
+                     output_scale_factor=cfg["mid_block_scale_factor"], **common,
+                     name="mid_block")(h, emb, context, not train)
+    return skips, h
+
+
+def decoder_output(u: UNet2DConditionModel, h: jax.Array, skips: list, emb: jax.Array,
+                   context: jax.Array, *, train: bool) -> jax.Array:
+    """The up blocks (consuming the skips deepest first), `conv_norm_out`, `conv_out`."""
+    cfg = u.config
+    ch = cfg["block_out_channels"]
+    n = len(ch)
+    heads, layers, t_layers = _levels(cfg)
+    common = _common(cfg, u)
+    skips = list(skips)
+    for i, btype in enumerate(cfg["up_block_types"]):
+        lvl = n - 1 - i
+        k = layers[lvl] + 1
+        res, skips = skips[-k:], skips[:-k]
+        h = UpBlock(attn="cross" if btype == "CrossAttnUpBlock2D" else None,
+                    heads=heads[lvl], transformer_layers=t_layers[lvl], out_channels=ch[lvl],
+                    num_layers=k, add_upsample=i < n - 1, **common,
+                    name=f"up_blocks_{i}")(h, res, emb, context, not train)
+    h = group_norm(cfg["norm_num_groups"], cfg["norm_eps"], name="conv_norm_out",
+                   dtype=u.dtype)(h)
+    out = conv(cfg["out_channels"], cfg["conv_out_kernel"], name="conv_out",
+               dtype=u.dtype)(nn.silu(h))
+    return out.astype(jnp.float32)

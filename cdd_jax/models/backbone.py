@@ -7,6 +7,9 @@ Two families (`model.family`):
   checkpoint's `config.json`, filled in from the teacher checkpoint when that is a diffusers
   folder) or, when that is empty, derived from the fields below at the training crop size. The
   network's time input is in the checkpoint's units: t * `model.num_train_timesteps`.
+- "unet2d_condition": the port of diffusers' `UNet2DConditionModel` (Stable Diffusion 1.x / 2.x):
+  a latent-space U-Net with cross-attention to prompt embeddings (`context`, [B, T, D]). Its
+  architecture is always `model.diffusers_config` (filled in from the teacher checkpoint).
 - "cdd": the original cdd_jax U-Net (`cdd_jax.models.unet`), kept so that runs and checkpoints
   made with it still load and reproduce; its time input is t in [0, 1].
 
@@ -28,18 +31,27 @@ from cdd_jax import config_checks as checks
 from cdd_jax.models.diffusers.unet_2d import UNet2DModel, config_from_fields
 from cdd_jax.models.diffusers.unet_2d import encoder_features as unet2d_encoder_features
 from cdd_jax.models.diffusers.unet_2d import time_features as unet2d_time_features
+from cdd_jax.models.diffusers.unet_2d_condition import UNet2DConditionModel
+from cdd_jax.models.diffusers.unet_2d_condition import (
+    encoder_features as cond_encoder_features,
+)
+from cdd_jax.models.diffusers.unet_2d_condition import time_features as cond_time_features
 from cdd_jax.models.layers import TimeEmbedding
 from cdd_jax.models.unet import Encoder, Middle, UNet, unet_kwargs
 
-FAMILIES = ("unet2d", "cdd")
-Backbone = Any  # UNet | UNet2DModel
+FAMILIES = ("unet2d", "unet2d_condition", "cdd")
+_CLASS_OF_FAMILY = {"unet2d": "UNet2DModel", "unet2d_condition": "UNet2DConditionModel"}
+Backbone = Any  # UNet | UNet2DModel | UNet2DConditionModel
 
 
 def model_config() -> ml_collections.ConfigDict:
     """The `model` section: which U-Net, and its size (the CPU-scale teacher by default)."""
     c = ml_collections.ConfigDict()
-    c.family = "unet2d"  # "unet2d" (diffusers UNet2DModel port) or "cdd" (see module doc).
-    # unet2d only: the UNet2DModel config.json as JSON text; "" = derived from the fields below.
+    # "unet2d" (diffusers UNet2DModel port), "unet2d_condition" (UNet2DConditionModel port, the
+    # latent text-to-image U-Net) or "cdd" (see module doc).
+    c.family = "unet2d"
+    # unet2d*: the checkpoint's config.json as JSON text; "" = derived from the fields below
+    # ("unet2d" only; "unet2d_condition" takes it from the teacher checkpoint).
     c.diffusers_config = ""
     c.num_train_timesteps = 1000  # unet2d only: network time input = t * this (diffusers units).
     c.ch = 32  # Base channel width.
@@ -62,7 +74,7 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
         raise TypeError("model.diffusers_config must be JSON text (str), got "
                         f"{type(cfg.diffusers_config).__name__}")
     if cfg.diffusers_config:
-        _parse_diffusers_config(cfg.diffusers_config)
+        _parse_diffusers_config(cfg.diffusers_config, cfg.family)
     checks.number(cfg, "num_train_timesteps", 1, integer=True, prefix="model.")
     for key in ("ch", "num_res_blocks", "num_groups", "head_dim"):
         checks.number(cfg, key, 1, integer=True, prefix="model.")
@@ -74,21 +86,27 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
     checks.boolean(cfg, "remat", prefix="model.")
 
 
-def _parse_diffusers_config(text: str) -> dict:
+def _parse_diffusers_config(text: str, family: str = "unet2d") -> dict:
     try:
         cfg = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"model.diffusers_config is not valid JSON: {e}") from e
-    if not isinstance(cfg, dict) or cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
+    want = _CLASS_OF_FAMILY.get(family, "UNet2DModel")
+    if not isinstance(cfg, dict) or cfg.get("_class_name", want) != want:
         got = cfg.get("_class_name") if isinstance(cfg, dict) else type(cfg).__name__
-        raise ValueError(f"model.diffusers_config must be a UNet2DModel config, got {got!r}")
+        raise ValueError(f"model.diffusers_config must be a {want} config for "
+                         f"model.family={family!r}, got {got!r}")
     return cfg
 
 
 def unet2d_config(cfg: ml_collections.ConfigDict, image_size: int) -> dict:
-    """The UNet2DModel config of a "unet2d" `model` section at `image_size` px."""
+    """The diffusers config of a "unet2d" / "unet2d_condition" `model` section at `image_size`
+    px (the training crop; "unet2d_condition" needs `model.diffusers_config`)."""
     if cfg.diffusers_config:
-        return _parse_diffusers_config(cfg.diffusers_config)
+        return _parse_diffusers_config(cfg.diffusers_config, cfg.family)
+    if cfg.family == "unet2d_condition":
+        raise ValueError("model.family='unet2d_condition' needs model.diffusers_config (set "
+                         "teacher.checkpoint to a Stable-Diffusion-style pipeline folder)")
     return config_from_fields(ch=cfg.ch, ch_mult=cfg.ch_mult, num_res_blocks=cfg.num_res_blocks,
                               attn_resolutions=cfg.attn_resolutions, num_groups=cfg.num_groups,
                               head_dim=cfg.head_dim, dropout=cfg.dropout, image_size=image_size)
@@ -99,6 +117,9 @@ def backbone_from_config(cfg: ml_collections.ConfigDict, image_size: int) -> Bac
     validate_model_config(cfg)
     if cfg.family == "cdd":
         return UNet(**unet_kwargs(cfg))
+    if cfg.family == "unet2d_condition":
+        return UNet2DConditionModel.from_config(unet2d_config(cfg, image_size),
+                                                dtype=jnp.dtype(cfg.dtype), remat=bool(cfg.remat))
     return UNet2DModel.from_config(unet2d_config(cfg, image_size), dtype=jnp.dtype(cfg.dtype),
                                    remat=bool(cfg.remat))
 
@@ -116,12 +137,17 @@ def base_width(backbone: Backbone) -> int:
 
 
 def encoder_features(backbone: Backbone, x: jax.Array, t: jax.Array, *, train: bool,
-                     input_residual=None) -> tuple[list, jax.Array]:
+                     input_residual=None, context=None) -> tuple[list, jax.Array]:
     """The encoder half of `backbone` (time embedding, input conv, down path, middle), built in
     the scope of the calling module with the backbone's own parameter names: (skips, h).
 
-    `t`: the backbone's own time input (already scaled by `timestep_scale`).
+    `t`: the backbone's own time input (already scaled by `timestep_scale`); `context`: the
+    prompt embeddings [B, T, D] of a "unet2d_condition" backbone (None for the others).
     """
+    if isinstance(backbone, UNet2DConditionModel):
+        emb, ctx = cond_time_features(backbone, x, t, context)
+        return cond_encoder_features(backbone, x, emb, ctx, train=train,
+                                     input_residual=input_residual)
     if isinstance(backbone, UNet):
         emb = TimeEmbedding(backbone.ch, backbone.dtype, name="time_embed")(t)
         skips = Encoder(**backbone.encoder_kwargs(), name="encoder")(
@@ -143,10 +169,12 @@ def model_section_for(backbone: Backbone) -> ml_collections.ConfigDict:
                  attn_resolutions=tuple(backbone.attn_resolutions), dropout=backbone.dropout,
                  num_groups=backbone.num_groups, head_dim=backbone.head_dim)
     else:
-        if backbone.config.get("_class_name") != "UNet2DModel":
-            raise ValueError(f"a {backbone.config.get('_class_name')} is not a backbone of the "
-                             "pixel-space job (a UNet2DModel is)")
-        c.family = "unet2d"
+        name = backbone.config.get("_class_name")
+        families = {v: k for k, v in _CLASS_OF_FAMILY.items()}
+        if name not in families:
+            raise ValueError(f"a {name} is not a backbone (a UNet2DModel or a "
+                             "UNet2DConditionModel is)")
+        c.family = families[name]
         c.diffusers_config = backbone.config_json
         c.dropout = float(backbone.config["dropout"])
     c.dtype = jnp.dtype(backbone.dtype).name

@@ -12,6 +12,13 @@ Parameter tree (top level):
               cond_embed                     (small conv stack for the condition, zero-init output)
               gate_skip_{i}, gate_middle     (scalar mu per level, or zero-init 1x1 convs)
               input_gate                     (optional zero-init conv: condition -> main input)
+    text/     ("unet2d_condition" only) `embeds` [1, T, D]: the fixed prompt embedding the U-Net
+              cross-attends to (for SR the empty prompt's), stored with the teacher; frozen
+
+Latent space ("unet2d_condition" on an autoencoder's latents): z_t has the latent resolution and
+the condition image the full one, `latent_factor` times larger; the condition embedder ends with
+log2(latent_factor) stride-2 convolutions, so it maps the full-resolution condition to the latent
+resolution (as ControlNet's conditioning embedder does).
 """
 
 from __future__ import annotations
@@ -110,18 +117,26 @@ class ScalarGate(nn.Module):
 
 
 class CondEmbedder(nn.Module):
-    """Small conv stack mapping the condition image to the encoder's input width."""
+    """Small conv stack mapping the condition image to the encoder's input width; its last
+    `num_downsample` hidden convs have stride 2 (full resolution -> latent resolution)."""
 
     out_ch: int
     hidden: tuple[int, ...] = (16, 32)
     zero_init: bool = False
     dtype: Dtype = jnp.float32
+    num_downsample: int = 0
 
     @nn.compact
     def __call__(self, c):
+        if self.num_downsample > len(self.hidden):
+            raise ValueError(f"the condition embedder needs at least {self.num_downsample} "
+                             f"hidden convs to downsample by {2 ** self.num_downsample}, has "
+                             f"{len(self.hidden)} (control.cond_embed_ch)")
         h = c.astype(self.dtype)
+        first_strided = len(self.hidden) - self.num_downsample
         for i, width in enumerate(self.hidden):
-            h = nn.silu(Conv(width, dtype=self.dtype, name=f"conv_{i}")(h))
+            stride = 2 if i >= first_strided else 1
+            h = nn.silu(Conv(width, strides=stride, dtype=self.dtype, name=f"conv_{i}")(h))
         return Conv(self.out_ch, zero_init=self.zero_init, dtype=self.dtype, name="conv_out")(h)
 
 
@@ -133,6 +148,7 @@ class ControlEncoder(nn.Module):
     cond_embed_ch: tuple[int, ...] = (16, 32)
     input_gate: bool = True
     cond_embed_zero_init: bool = False
+    num_downsample: int = 0  # log2 of the condition's size over z_t's (latent space)
 
     def _gate(self, h, name):
         if self.gate == "scalar":
@@ -140,13 +156,14 @@ class ControlEncoder(nn.Module):
         return Conv(h.shape[-1], kernel_size=1, zero_init=True, dtype=self.unet.dtype, name=name)(h)
 
     @nn.compact
-    def __call__(self, z_t, t, cond, train: bool):
-        """`t`: the backbone's own time input."""
+    def __call__(self, z_t, t, cond, train: bool, context=None):
+        """`t`: the backbone's own time input; `context`: prompt embeddings (or None)."""
         u = self.unet
         width = base_width(u)
         c_emb = CondEmbedder(width, self.cond_embed_ch, self.cond_embed_zero_init, u.dtype,
-                             name="cond_embed")(cond)
-        skips, mid = encoder_features(u, z_t, t, train=train, input_residual=c_emb)
+                             self.num_downsample, name="cond_embed")(cond)
+        skips, mid = encoder_features(u, z_t, t, train=train, input_residual=c_emb,
+                                      context=context)
         skip_res = [self._gate(h, f"gate_skip_{i}") for i, h in enumerate(skips)]
         mid_res = self._gate(mid, "gate_middle")
         input_res = None
@@ -155,8 +172,22 @@ class ControlEncoder(nn.Module):
         return skip_res, mid_res, input_res
 
 
+class PromptEmbedding(nn.Module):
+    """The fixed prompt embedding [1, T, D] (parameter `embeds`, copied from the teacher's
+    stored one and frozen), broadcast to the batch."""
+
+    tokens: int
+    width: int
+
+    @nn.compact
+    def __call__(self, batch: int) -> jax.Array:
+        e = self.param("embeds", nn.initializers.zeros, (1, self.tokens, self.width))
+        return jnp.broadcast_to(e, (batch, self.tokens, self.width))
+
+
 class ConditionalUNet(nn.Module):
-    """`apply({'params': p}, z_t, t, cond, train=False) -> v_hat`."""
+    """`apply({'params': p}, z_t, t, cond, train=False) -> the network output` (in the
+    teacher's parameterisation)."""
 
     unet: Backbone
     gate: str = "conv1x1"
@@ -167,15 +198,25 @@ class ConditionalUNet(nn.Module):
     anchor_factor: int = 4
     schedule: str = "cosine"  # Noise schedule name; only read by the low-frequency anchor.
     timestep_scale: float = 1.0  # Backbone time input per unit of t (`backbone.timestep_scale`).
+    latent_factor: int = 1  # Condition size over z_t's size (the autoencoder's downsampling).
+    prompt_tokens: int = 0  # > 0: a "unet2d_condition" backbone reading a fixed prompt embedding.
 
     @classmethod
     def from_config(cls, model_cfg, control_cfg, schedule: str = "cosine", *,
-                    image_size: int) -> ConditionalUNet:
+                    image_size: int, latent_factor: int = 1,
+                    prompt_tokens: int = 0) -> ConditionalUNet:
         """`schedule`: the diffusion schedule's name (config.diffusion.schedule); `image_size`:
-        the training crop size (fixes a "unet2d" backbone's block types)."""
+        the training crop size (fixes a "unet2d" backbone's block types); `latent_factor`: the
+        condition's size over z_t's; `prompt_tokens`: tokens of the fixed prompt embedding."""
         validate_control_config(control_cfg)
+        unet = backbone_from_config(model_cfg, image_size // latent_factor)
+        if (model_cfg.family == "unet2d_condition") != (prompt_tokens > 0):
+            raise ValueError("a unet2d_condition backbone needs a prompt embedding "
+                             "(prompt_tokens > 0) and the other families take none")
         return cls(
-            unet=backbone_from_config(model_cfg, image_size),
+            unet=unet,
+            latent_factor=int(latent_factor),
+            prompt_tokens=int(prompt_tokens),
             timestep_scale=timestep_scale(model_cfg),
             gate=control_cfg.gate,
             cond_embed_ch=tuple(control_cfg.cond_embed_ch),
@@ -188,18 +229,26 @@ class ConditionalUNet(nn.Module):
 
     @nn.compact
     def __call__(self, z_t, t, cond, train: bool = False):
-        if cond is None or cond.ndim != 4 or cond.shape[:3] != z_t.shape[:3]:
+        f = self.latent_factor
+        want = (z_t.shape[0], z_t.shape[1] * f, z_t.shape[2] * f)
+        if cond is None or cond.ndim != 4 or tuple(cond.shape[:3]) != want:
             raise ValueError(
-                "the condition must be an NHWC image with the same batch and spatial size as "
-                f"z_t {tuple(z_t.shape)}; got {None if cond is None else tuple(cond.shape)}"
-            )
+                f"the condition must be an NHWC image of batch and spatial size {want} (z_t "
+                f"{tuple(z_t.shape)}, latent factor {f}); got "
+                f"{None if cond is None else tuple(cond.shape)}")
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (z_t.shape[0],))
         t_net = t if self.timestep_scale == 1.0 else t * self.timestep_scale
+        context, text = None, {}
+        if self.prompt_tokens:
+            width = self.unet.config["cross_attention_dim"]
+            context = PromptEmbedding(self.prompt_tokens, width, name="text")(z_t.shape[0])
+            text = {"encoder_hidden_states": context}
         control = ControlEncoder(self.unet.clone(parent=None), self.gate, self.cond_embed_ch,
-                                 self.input_gate, self.cond_embed_zero_init, name="control")
-        skip_res, mid_res, input_res = control(z_t, t_net, cond, train)
+                                 self.input_gate, self.cond_embed_zero_init,
+                                 int(f).bit_length() - 1, name="control")
+        skip_res, mid_res, input_res = control(z_t, t_net, cond, train, context)
         v_hat = self.unet(z_t, t_net, train=train, skip_residuals=skip_res,
-                          middle_residual=mid_res, input_residual=input_res)
+                          middle_residual=mid_res, input_residual=input_res, **text)
         if self.anchor_precision > 0:
             v_hat = anchor_low_frequencies(v_hat, z_t, t, cond,
                                            schedule=get_schedule(self.schedule),
@@ -208,13 +257,24 @@ class ConditionalUNet(nn.Module):
         return v_hat
 
 
-def init_from_teacher(cond_params: dict, teacher_params: dict) -> dict:
-    """Conditional parameters with the backbone AND the duplicated encoder copied from the teacher.
+def init_from_teacher(cond_params: dict, teacher_params: dict,
+                      prompt_embeds: jax.Array | None = None) -> dict:
+    """Conditional parameters with the backbone AND the duplicated encoder copied from the teacher
+    (and, for a text-conditioned teacher, its stored prompt embedding [1, T, D]).
 
     Raises ValueError naming the first mismatching path when the teacher's architecture does not
     match the configured U-Net.
     """
     cond_params = dict(cond_params)
+    if ("text" in cond_params) != (prompt_embeds is not None):
+        raise ValueError("a text-conditioned network needs the teacher's prompt embedding, and "
+                         "only it takes one")
+    if prompt_embeds is not None:
+        want = cond_params["text"]["embeds"].shape
+        if tuple(prompt_embeds.shape) != tuple(want):
+            raise ValueError(f"the teacher's prompt embedding has shape "
+                             f"{tuple(prompt_embeds.shape)}, the network expects {tuple(want)}")
+        cond_params["text"] = {"embeds": jnp.asarray(prompt_embeds, jnp.float32)}
     check_same_structure(teacher_params, cond_params["unet"], "teacher", "model.unet")
     cond_params["unet"] = teacher_params
     control = dict(cond_params["control"])

@@ -63,12 +63,19 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int, labels: PyTre
     return tx, schedules
 
 
+# Top-level parts of a parameter tree that never train: the autoencoder of a latent-space job
+# and the fixed prompt embedding of a text-conditioned U-Net (`cdd_jax.models.control`).
+ALWAYS_FROZEN = ("vae", "text")
+
+
 def param_labels(params: PyTree, *, freeze_backbone: bool) -> PyTree:
     """Label each parameter "new" (under `control/`: the control encoder), "backbone" (the
-    U-Net), or "frozen" (the U-Net when `freeze_backbone`, as in PE-CoDi)."""
+    U-Net), or "frozen" (the U-Net when `freeze_backbone`, as in PE-CoDi; `ALWAYS_FROZEN`)."""
 
     def label(path, _):
         top = path[0].key if path else ""
+        if top in ALWAYS_FROZEN:
+            return "frozen"
         if top == "control":
             return "new"
         return "frozen" if freeze_backbone else "backbone"

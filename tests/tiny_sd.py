@@ -1,0 +1,62 @@
+"""A tiny Stable-Diffusion-style teacher made locally (no download): a two-level
+UNet2DConditionModel (cross-attention at the first level and in the mid block), a two-level
+AutoencoderKL (latents at 1/2 of the image size) and a stored prompt embedding, with weights
+perturbed from their random init so that no layer is trivially zero."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cdd_jax.convert.pipeline import scheduler_config
+from cdd_jax.convert.sd import save_sd_pipeline
+from cdd_jax.models.diffusers.autoencoder_kl import AutoencoderKL
+from cdd_jax.models.diffusers.unet_2d_condition import UNet2DConditionModel
+
+TOKENS, WIDTH = 3, 8
+UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[8, 16],
+            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], layers_per_block=1,
+            cross_attention_dim=WIDTH, attention_head_dim=2, norm_num_groups=4)
+VAE = dict(sample_size=16, in_channels=3, out_channels=3, latent_channels=4,
+           block_out_channels=[8, 8], down_block_types=["DownEncoderBlock2D"] * 2,
+           up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=4)
+
+
+def _perturbed(module, seed, scale=0.1):
+    """Random weights of `module`'s shapes, drawn with numpy (compiling flax's initialisers costs
+    ~1 min here): norm scales 1 + N(0, 0.05^2), everything else N(0, scale^2)."""
+    shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0),
+                                          *module.example_inputs(1))["params"])
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        noise = rng.normal(size=x.shape).astype(np.float32)
+        if jax.tree_util.keystr(path).endswith("['scale']"):
+            return jnp.asarray(1.0 + 0.05 * noise)
+        return jnp.asarray(scale * noise)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def tiny_unet(seed=0):
+    module = UNet2DConditionModel.from_config({"_class_name": "UNet2DConditionModel", **UNET})
+    return module, _perturbed(module, seed)
+
+
+def tiny_vae(seed=10):
+    module = AutoencoderKL.from_config({"_class_name": "AutoencoderKL", **VAE})
+    return module, _perturbed(module, seed, 0.05)
+
+
+def make_sd_folder(out, prediction_type="epsilon", seed=0):
+    """Writes the tiny teacher as an SD-style pipeline folder (scaled_linear schedule)."""
+    unet, unet_params = tiny_unet(seed)
+    vae, vae_params = tiny_vae(seed + 10)
+    embeds = np.random.default_rng(seed + 20).normal(size=(1, TOKENS, WIDTH)).astype(np.float32)
+    sched = scheduler_config("scaled_linear", 1000, prediction_type)
+    save_sd_pipeline(out, unet, unet_params, vae, vae_params, scheduler=sched,
+                     prompt_embeds=embeds)
+    return out

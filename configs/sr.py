@@ -2,11 +2,15 @@
 
     python -m cdd_jax.main --config=configs/sr.py --workdir=/tmp/sr
 Variants: default (bundled photos, shipped teacher, ~20 min on 2 CPU cores), tiny (tests),
-large (accelerators: TFDS data, 256 px, bf16, FSDP).
+large (accelerators: TFDS data, 256 px, bf16, FSDP); sd (a Stable Diffusion 1.5 / 2.1 teacher
+at 512 px: latent, text-conditioned CoDi, bf16, FSDP, remat) and sd_tiny (its CPU test size, on a
+locally made SD-style folder given as --config.teacher.checkpoint).
 """
 
-from cdd_jax.config.presets import sr_config
+from cdd_jax.config.presets import sd_config, sr_config
 
 
 def get_config(variant: str | None = None):
+    if variant in ("sd", "sd_tiny"):
+        return sd_config("large" if variant == "sd" else "tiny")
     return sr_config(variant or "default")

@@ -82,10 +82,10 @@ def test_condition_reaches_the_latent_resolution_once_gates_open(setup):
     assert a.shape == z.shape
 
 
-def test_text_and_vae_never_train_and_bad_shapes_are_named(setup):
+def test_prompt_embedding_never_trains_and_bad_shapes_are_named(setup):
     _, _, model, params, embeds, z, cond = setup
-    labels = param_labels({**params, "vae": {"w": jnp.zeros(2)}}, freeze_backbone=False)
-    assert labels["text"]["embeds"] == "frozen" and labels["vae"]["w"] == "frozen"
+    labels = param_labels(params, freeze_backbone=False)
+    assert labels["text"]["embeds"] == "frozen"
     assert set(jax.tree.leaves(labels["unet"])) == {"backbone"}
     with pytest.raises(ValueError, match=r"spatial size \(2, 32, 32\)"):
         conditional_apply_fn(model)(params, z, jnp.zeros(2), cond[:, :16, :16], None)

@@ -149,6 +149,45 @@ def sr_config(variant: str = "default") -> ml_collections.ConfigDict:
     return c
 
 
+SD_VARIANTS = ("tiny", "large")
+
+
+def sd_config(variant: str = "large") -> ml_collections.ConfigDict:
+    """Latent, text-conditioned CoDi of a Stable-Diffusion-class teacher (the paper's setting):
+    the SR job on a `unet2d_condition` U-Net, its VAE's latent space (d_x there) and the empty
+    prompt's stored embedding; the paper's network and loss (no anchor, lambda = 1).
+
+    "large": the accelerator recipe for SD 1.5 at 512 px (64 px latents): bf16 compute, FSDP over
+    8 devices per data replica, rematerialised blocks, ControlNet's condition embedder widths.
+    SD 2.1 (768, v-prediction): teacher.checkpoint=stabilityai/stable-diffusion-2-1,
+    diffusion.prediction_type=v_prediction, model.prompt_embed_dim=1024. The teacher folder needs
+    the stored prompt embedding (`cdd_jax.convert.sd.compute_prompt_embeds`, once).
+    "tiny": tests and this CPU, on a locally made SD-style folder (teacher.checkpoint required).
+    """
+    if variant not in SD_VARIANTS:
+        raise ValueError(f"unknown sd variant {variant!r}; choose one of {SD_VARIANTS}")
+    c = _distillation(variant)
+    c.model.family = "unet2d_condition"
+    c.diffusion.schedule = "scaled_linear"
+    c.diffusion.prediction_type = "epsilon"  # SD 1.x / 2.1-base; SD 2.1 (768): v_prediction
+    c.teacher.pretrain.diffusion.update(schedule="scaled_linear", prediction_type="epsilon")
+    c.teacher.checkpoint = ""
+    c.control.anchor_precision = 0.0  # pixel-space only
+    c.evaluate.metrics = ("psnr", "ssim")
+    if variant == "tiny":
+        c.control.cond_embed_ch = (8, 8)
+        c.data.crop_size = 16
+        c.distill.num_grid_steps = 4
+        return c
+    c.model.update(dtype="bfloat16", remat=True, latent_channels=4, prompt_embed_dim=768)
+    c.teacher.checkpoint = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    c.control.cond_embed_ch = (16, 32, 96, 256)  # ControlNet's; 3 stride-2 convs: 512 -> 64 px
+    c.data.update(crop_size=512, batch_size=64)
+    c.mesh.sizes = (-1, 8, 1)  # (data, fsdp, tensor)
+    c.evaluate.metrics = ("psnr", "ssim", "lpips_alex", "lpips_vgg")
+    return c
+
+
 def table1_config(variant: str = "default") -> ml_collections.ConfigDict:
     """The paper's Table 1 at small scale: every baseline and CoDi, one teacher, one budget.
     Every row uses the paper's network (no anchor) and lambda = 1 (`_distillation`).

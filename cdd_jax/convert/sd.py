@@ -65,6 +65,15 @@ def load_prompt_embeds(path: str | os.PathLike) -> np.ndarray:
     return load_file(str(f))["prompt_embeds"]
 
 
+def read_subfolder_config(path: str | os.PathLike, subfolder: str) -> dict:
+    """`<subfolder>/config.json` of a pipeline folder (or hub id)."""
+    f = resolve(path, _PATTERNS) / subfolder / "config.json"
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"teacher {str(path)!r}: cannot read {f}: {e}") from e
+
+
 def load_vae(path: str | os.PathLike, **kw) -> tuple[nn.Module, dict]:
     """(AutoencoderKL port, params) from the `vae/` of a pipeline folder (or hub id)."""
     return load_diffusers(resolve(path, _PATTERNS), subfolder="vae", **kw)

@@ -56,8 +56,10 @@ def student_key(k: int, renoise: str, all_renoise) -> str:
 
 
 def student_methods(config: ml_collections.ConfigDict, apply_fn: ApplyFn, params: PyTree,
-                    schedule: Schedule) -> dict[str, MethodSpec]:
-    """Bicubic and the student at each K and re-noising of `config.evaluate`."""
+                    schedule: Schedule, sampler=None) -> dict[str, MethodSpec]:
+    """Bicubic and the student at each K and re-noising of `config.evaluate`. `sampler`:
+    optional sample(params, cond, rng, K, renoise) -> images replacing the pixel-space
+    `few_step_sample` (a latent student decoded through its VAE)."""
     ecfg = config.evaluate
     params = jax.device_put(params)
     methods = {"bicubic": bicubic_method()}
@@ -65,9 +67,13 @@ def student_methods(config: ml_collections.ConfigDict, apply_fn: ApplyFn, params
         for k in ecfg.student_steps:
             if k == 1 and renoise != ecfg.renoise[0]:
                 continue  # One step never re-noises: the same samples as the first row's.
-            fn = jax.jit(lambda cond, rng, k=k, r=renoise: few_step_sample(
-                apply_fn, params, cond, rng, schedule=schedule, num_steps=k, grid=ecfg.grid,
-                renoise=r, prediction_type=config.diffusion.prediction_type))
+            if sampler is not None:
+                fn = jax.jit(lambda cond, rng, k=k, r=renoise: sampler(params, cond, rng, k, r))
+            else:
+                fn = jax.jit(lambda cond, rng, k=k, r=renoise: few_step_sample(
+                    apply_fn, params, cond, rng, schedule=schedule, num_steps=k,
+                    grid=ecfg.grid, renoise=r,
+                    prediction_type=config.diffusion.prediction_type))
             methods[student_key(k, renoise, ecfg.renoise)] = MethodSpec(
                 config.distill.objective, f"{renoise}-{ecfg.grid}", k,
                 lambda cond, lq, rng, fn=fn: fn(cond, rng))
@@ -75,10 +81,11 @@ def student_methods(config: ml_collections.ConfigDict, apply_fn: ApplyFn, params
 
 
 def evaluate_sr(config: ml_collections.ConfigDict, workdir: str, apply_fn: ApplyFn,
-                params: PyTree, schedule: Schedule, eval_set: dict) -> list[dict]:
+                params: PyTree, schedule: Schedule, eval_set: dict,
+                sampler=None) -> list[dict]:
     """Stage 3: the student against bicubic on `eval_set`; writes <workdir>/eval."""
     ecfg = config.evaluate
-    methods = student_methods(config, apply_fn, params, schedule)
+    methods = student_methods(config, apply_fn, params, schedule, sampler)
     results = evaluate_methods(methods, eval_set, MetricSuite(ecfg.metrics),
                                batch_size=ecfg.batch_size, rng_seed=config.seed)
     out = os.path.join(workdir, "eval")

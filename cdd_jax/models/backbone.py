@@ -53,7 +53,12 @@ def model_config() -> ml_collections.ConfigDict:
     # unet2d*: the checkpoint's config.json as JSON text; "" = derived from the fields below
     # ("unet2d" only; "unet2d_condition" takes it from the teacher checkpoint).
     c.diffusers_config = ""
-    c.num_train_timesteps = 1000  # unet2d only: network time input = t * this (diffusers units).
+    c.num_train_timesteps = 1000  # unet2d*: network time input = t * this (diffusers units).
+    # unet2d_condition (latent, text-conditioned teachers; filled in / checked from the teacher):
+    c.latent_factor = 1  # Image pixels per latent pixel (the VAE's downsampling); 1 = pixels.
+    c.latent_channels = 0  # Latent channels the U-Net reads; 0 = whatever the teacher has.
+    c.prompt_tokens = 0  # Tokens T of the stored prompt embedding [1, T, D] (from the teacher).
+    c.prompt_embed_dim = 0  # D, the U-Net's cross_attention_dim; 0 = whatever the teacher has.
     c.ch = 32  # Base channel width.
     c.ch_mult = (1, 2, 2)  # Width multiplier per resolution stage (one downsample between stages).
     c.num_res_blocks = 1  # Residual blocks per stage in the encoder (decoder uses one more).
@@ -76,6 +81,14 @@ def validate_model_config(cfg: ml_collections.ConfigDict) -> None:
     if cfg.diffusers_config:
         _parse_diffusers_config(cfg.diffusers_config, cfg.family)
     checks.number(cfg, "num_train_timesteps", 1, integer=True, prefix="model.")
+    for key in ("latent_channels", "prompt_tokens", "prompt_embed_dim"):
+        checks.number(cfg, key, 0, integer=True, prefix="model.")
+    checks.number(cfg, "latent_factor", 1, integer=True, prefix="model.")
+    if cfg.latent_factor & (cfg.latent_factor - 1):
+        raise ValueError(f"model.latent_factor must be a power of 2, got {cfg.latent_factor}")
+    if cfg.family != "unet2d_condition" and (cfg.latent_factor != 1 or cfg.prompt_tokens):
+        raise ValueError("model.latent_factor / model.prompt_tokens are for "
+                         "model.family='unet2d_condition' only")
     for key in ("ch", "num_res_blocks", "num_groups", "head_dim"):
         checks.number(cfg, key, 1, integer=True, prefix="model.")
     checks.positive_ints(cfg, "ch_mult", prefix="model.")

@@ -1,5 +1,10 @@
 """Stage 2: the conditional network (teacher U-Net + control encoder) trained with
-`distill.objective` on degraded/clean pairs made on the fly."""
+`distill.objective` on degraded/clean pairs made on the fly.
+
+Latent teachers (`model.family = "unet2d_condition"`): the clean image is encoded with the
+teacher's VAE before each step (`Job.prepare_batch`; the VAE stays out of the train state), so
+the objective, d_x included, lives in the latent space; the condition stays a full-resolution
+image; samples are decoded through the VAE before any metric."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cdd_jax.convert.sd import load_prompt_embeds, load_vae
 from cdd_jax.data.degradations import SRPairTransform
 from cdd_jax.data.pipeline import build_train_dataset
 from cdd_jax.diffusion import Schedule, get_schedule
@@ -16,6 +22,7 @@ from cdd_jax.distill.objectives import compute_loss, objective_spec
 from cdd_jax.distill.sampling import few_step_sample
 from cdd_jax.models.apply import ApplyFn, conditional_apply_fn
 from cdd_jax.models.control import ConditionalUNet, check_same_structure, init_from_teacher
+from cdd_jax.models.latent import LatentSpace
 from cdd_jax.parallel.distributed import to_host
 from cdd_jax.parallel.sharding import unbox
 from cdd_jax.train.job import Job
@@ -26,12 +33,38 @@ PyTree = Any
 
 def conditional_model(config: ml_collections.ConfigDict) -> tuple[ConditionalUNet, ApplyFn]:
     """The conditional network of `config` and its apply_fn."""
-    model = ConditionalUNet.from_config(config.model, config.control, config.diffusion.schedule,
-                                        image_size=config.data.crop_size)
+    m = config.model
+    model = ConditionalUNet.from_config(m, config.control, config.diffusion.schedule,
+                                        image_size=config.data.crop_size,
+                                        latent_factor=m.get("latent_factor", 1),
+                                        prompt_tokens=m.get("prompt_tokens", 0))
     return model, conditional_apply_fn(model)
 
 
-def _heldout_psnr(config, apply_fn: ApplyFn, schedule: Schedule, eval_set: dict):
+def student_sampler(config: ml_collections.ConfigDict, apply_fn: ApplyFn, schedule: Schedule,
+                    space: LatentSpace | None = None, vae_params: PyTree = None):
+    """sample(params, cond, rng, num_steps, renoise) -> images: few-step sampling of the
+    student in its own space (pixels, or latents decoded through `space` with `vae_params`)."""
+
+    def sample(params, cond, rng, num_steps: int, renoise: str):
+        shape = None if space is None else space.shape(cond.shape)
+        x = few_step_sample(apply_fn, params, cond, rng, schedule=schedule, num_steps=num_steps,
+                            grid=config.evaluate.grid, renoise=renoise, shape=shape,
+                            prediction_type=config.diffusion.prediction_type)
+        return x if space is None else space.decode({"vae": vae_params}, x)
+
+    return sample
+
+
+def latent_space(config: ml_collections.ConfigDict) -> tuple[LatentSpace, PyTree, PyTree]:
+    """(LatentSpace, VAE params, prompt embedding) of a latent teacher, else (None, None, None)."""
+    if config.model.family != "unet2d_condition":
+        return None, None, None
+    vae, vae_params = load_vae(config.teacher.checkpoint)
+    return LatentSpace(vae), vae_params, load_prompt_embeds(config.teacher.checkpoint)
+
+
+def _heldout_psnr(config, sampler, eval_set: dict):
     """A jitted fn(params) -> PSNR of the student at K = 1 and K = 4 on the first evaluation
     batch (a cheap progress probe logged during training)."""
     probe = {k: jnp.asarray(v[: config.evaluate.batch_size]) for k, v in eval_set.items()}
@@ -40,10 +73,7 @@ def _heldout_psnr(config, apply_fn: ApplyFn, schedule: Schedule, eval_set: dict)
     def student_psnr(params):
         out = {}
         for k, renoise in [(1, "ddim")] + [(4, r) for r in config.evaluate.renoise]:
-            x = few_step_sample(apply_fn, params, probe["cond"], jax.random.key(7),
-                                schedule=schedule, num_steps=k, grid=config.evaluate.grid,
-                                renoise=renoise,
-                                prediction_type=config.diffusion.prediction_type)
+            x = sampler(params, probe["cond"], jax.random.key(7), k, renoise)
             mse = jnp.mean((jnp.clip(x, -1, 1) - probe["image"]) ** 2, axis=(1, 2, 3)) / 4.0
             name = f"heldout_psnr_K{k}" + ("" if renoise == "ddim" else f"_{renoise}")
             out[name] = jnp.mean(-10 * jnp.log10(mse))
@@ -66,11 +96,13 @@ def distill_job(config: ml_collections.ConfigDict, teacher_params: PyTree, eval_
     spec = objective_spec(dcfg.objective)
     model, apply_fn = conditional_model(config)
     schedule = get_schedule(config.diffusion.schedule)
+    space, vae_params, prompt_embeds = latent_space(config)
     size = config.data.crop_size
     cond0 = jnp.zeros((1, size, size, 3))
+    z0 = cond0 if space is None else jnp.zeros(space.shape(cond0.shape))
 
     def init_fn(rng):
-        return model.init({"params": rng}, cond0, jnp.zeros((1,)), cond0)["params"]
+        return model.init({"params": rng}, z0, jnp.zeros((1,)), cond0)["params"]
 
     fresh = unbox(jax.jit(init_fn)(jax.random.key(config.seed)))
     if initial_params is not None:
@@ -78,7 +110,7 @@ def distill_job(config: ml_collections.ConfigDict, teacher_params: PyTree, eval_
         initial = initial_params
     else:
         check_same_structure(teacher_params, fresh["unet"], "teacher checkpoint", "config.model")
-        initial = init_from_teacher(fresh, teacher_params)
+        initial = init_from_teacher(fresh, teacher_params, prompt_embeds)
     if spec.uses_finetuned and finetuned_params is None:
         raise ValueError(f"objective {dcfg.objective!r} needs a fine-tuned conditional model")
 
@@ -87,7 +119,8 @@ def distill_job(config: ml_collections.ConfigDict, teacher_params: PyTree, eval_
                             target_params=target_params, finetuned_params=finetuned,
                             prediction_type=config.diffusion.prediction_type)
 
-    student_psnr = _heldout_psnr(config, apply_fn, schedule, eval_set)
+    sampler = student_sampler(config, apply_fn, schedule, space, vae_params)
+    student_psnr = _heldout_psnr(config, sampler, eval_set)
     sr = SRPairTransform(config.degradation, size)
     job = Job(
         name=dcfg.objective,
@@ -101,6 +134,7 @@ def distill_job(config: ml_collections.ConfigDict, teacher_params: PyTree, eval_
         eval_fn=lambda s: {k: float(v) for k, v in student_psnr(s.ema_params).items()},
         make_dataset=lambda pi, pc: build_train_dataset(config.data, task="sr", sr_transform=sr,
                                                         process_index=pi, process_count=pc),
+        prepare_batch=None if space is None else space.encoder(vae_params),
     )
     return job, apply_fn, schedule
 

@@ -12,7 +12,7 @@ from cdd_jax.data.degradations import SRPairTransform
 from cdd_jax.data.pipeline import make_eval_set
 from cdd_jax.evaluate.sr import evaluate_sr
 from cdd_jax.parallel.distributed import is_main_process
-from cdd_jax.stages.distill import distill
+from cdd_jax.stages.distill import distill, latent_space, student_sampler
 from cdd_jax.stages.teacher import load_teacher
 from cdd_jax.train.student_folder import save_student
 
@@ -28,7 +28,10 @@ def run_sr(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     eval_set = make_sr_eval_set(config)
     params, apply_fn, schedule = distill(config, os.path.join(workdir, "distill"), teacher,
                                          eval_set)
-    rows = evaluate_sr(config, workdir, apply_fn, params, schedule, eval_set)
+    space, vae_params, _ = latent_space(config)
+    sampler = (None if space is None else
+               student_sampler(config, apply_fn, schedule, space, vae_params))
+    rows = evaluate_sr(config, workdir, apply_fn, params, schedule, eval_set, sampler)
     if is_main_process():
         save_student(os.path.join(workdir, "student"), params, config, metrics=rows,
                      source_workdir=workdir)

@@ -17,7 +17,7 @@ from typing import Any
 import ml_collections
 
 from cdd_jax import config_checks as checks
-from cdd_jax.convert import pipeline
+from cdd_jax.convert import pipeline, sd
 from cdd_jax.convert.diffusers import canonical_json, load_diffusers
 from cdd_jax.diffusion import PREDICTION_TYPES
 from cdd_jax.models.backbone import unet2d_config
@@ -62,7 +62,8 @@ def check_teacher_matches(path: str, meta: dict, model_cfg: ml_collections.Confi
         return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
 
     saved = {"family": "cdd", "diffusers_config": "", "num_train_timesteps": 1000,
-             **plain(meta["model"])}  # checkpoints from before the families existed
+             "latent_factor": 1, "latent_channels": 0, "prompt_tokens": 0,
+             "prompt_embed_dim": 0, **plain(meta["model"])}  # checkpoints from before these
     wanted = plain(model_cfg.to_dict())
     diff = {k: (saved.get(k), wanted.get(k)) for k in set(saved) | set(wanted)
             if k not in _RUNTIME_MODEL_KEYS and saved.get(k) != wanted.get(k)}
@@ -82,8 +83,15 @@ def resolve_teacher(config: ml_collections.ConfigDict) -> None:
     """
     path = config.teacher.checkpoint
     if not path or not pipeline.is_diffusers_folder(path):
+        if config.model.family == "unet2d_condition":
+            raise ValueError("model.family='unet2d_condition' needs teacher.checkpoint: a "
+                             "Stable-Diffusion-style pipeline folder (unet/, vae/, scheduler/, "
+                             "a stored prompt embedding)")
         return
     found = pipeline.read_config(path)
+    if found.get("_class_name") == "UNet2DConditionModel":
+        _resolve_latent_teacher(config, path, found)
+        return
     if found.get("_class_name") != "UNet2DModel":
         raise ValueError(f"teacher.checkpoint {path!r} holds a {found.get('_class_name')!r}; "
                          "a pixel-space teacher must be a UNet2DModel")
@@ -107,6 +115,51 @@ def resolve_teacher(config: ml_collections.ConfigDict) -> None:
     config.model.num_train_timesteps = int(facts["num_train_timesteps"])
 
 
+def _resolve_latent_teacher(config: ml_collections.ConfigDict, path: str, found: dict) -> None:
+    """The SD-style branch of `resolve_teacher`: U-Net config, the VAE's latent space and the
+    stored prompt embedding into `config.model`, each checked against what the config asks."""
+    m = config.model
+    if m.family != "unet2d_condition":
+        raise ValueError(f"teacher.checkpoint {path!r} is a latent text-conditioned "
+                         f"UNet2DConditionModel but model.family={m.family!r}; set "
+                         "model.family=unet2d_condition")
+    text = canonical_json(found)
+    if m.diffusers_config and (canonical_json(json.loads(m.diffusers_config)) != text):
+        raise ValueError(f"model.diffusers_config differs from the U-Net config.json of "
+                         f"teacher.checkpoint {path!r}; leave it empty to take the checkpoint's")
+    vae_cfg = sd.read_subfolder_config(path, "vae")
+    latent = int(vae_cfg.get("latent_channels", 4))
+    width = int(found["cross_attention_dim"])
+    embeds_shape = sd.load_prompt_embeds(path).shape
+    for name, want, got in (("model.latent_channels", m.latent_channels, latent),
+                            ("model.prompt_embed_dim", m.prompt_embed_dim, width)):
+        if want and want != got:
+            raise ValueError(f"teacher {path!r} has {got} for {name} but the config asks for "
+                             f"{want}")
+    if found["in_channels"] != latent or found["out_channels"] != latent:
+        raise ValueError(f"teacher {path!r}: its U-Net reads {found['in_channels']} and writes "
+                         f"{found['out_channels']} channels but its VAE has {latent} latent "
+                         "channels")
+    if embeds_shape[-1] != width:
+        raise ValueError(f"teacher {path!r}: the stored prompt embedding is {embeds_shape[-1]} "
+                         f"wide but the U-Net's cross_attention_dim is {width}")
+    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    if config.data.crop_size % (factor * 2 ** (len(found["block_out_channels"]) - 1)):
+        raise ValueError(f"data.crop_size {config.data.crop_size} is not divisible by the VAE's "
+                         f"factor {factor} times the U-Net's depth")
+    if config.control.anchor_precision > 0:
+        raise ValueError("the low-frequency anchor (control.anchor_precision) works in pixel "
+                         "space only; set control.anchor_precision=0 for a latent teacher")
+    m.diffusers_config = text
+    m.update(latent_factor=factor, latent_channels=latent, prompt_tokens=int(embeds_shape[1]),
+             prompt_embed_dim=width)
+    facts = pipeline.read_schedule(path)
+    if facts is None:
+        raise ValueError(f"teacher {path!r} has no scheduler/scheduler_config.json")
+    check_schedule(path, facts, config)
+    m.num_train_timesteps = int(facts["num_train_timesteps"])
+
+
 def check_schedule(path: str, facts: dict, config: ml_collections.ConfigDict) -> None:
     """ValueError when a teacher's scheduler is not the one the job's diffusion core uses: its
     prediction type must be `diffusion.prediction_type` (the student keeps the teacher's)."""
@@ -124,6 +177,10 @@ def check_schedule(path: str, facts: dict, config: ml_collections.ConfigDict) ->
         raise ValueError(f"teacher {path!r} was trained with the {facts['beta_schedule']!r} "
                          f"schedule ({name or 'no continuous equivalent'} in cdd_jax) but "
                          f"diffusion.schedule={config.diffusion.schedule!r}")
+    betas = (float(facts["beta_start"]), float(facts["beta_end"]))
+    if name == "scaled_linear" and not own and betas != (0.00085, 0.012):
+        raise ValueError(f"teacher {path!r}: scaled_linear betas {betas}; cdd_jax's "
+                         "scaled_linear schedule is Stable Diffusion's (0.00085, 0.012)")
 
 
 def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> PyTree:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -134,7 +135,14 @@ def build_train_step(job: Job, config: ml_collections.ConfigDict, *, donate: boo
                                        config.mesh.logical_axis_rules,
                                        config.mesh.min_shard_bytes)
     init_rng, base_rng = jax.random.split(jax.random.key(config.seed))
-    state = jax.jit(lambda r: unbox(init_state(r)), out_shardings=state_sh)(init_rng)
+    if job.initial_params is None:
+        state = jax.jit(lambda r: unbox(init_state(r)), out_shardings=state_sh)(init_rng)
+    else:  # the parameters are replaced below: zeros of their shapes (no initialiser compiled)
+        def zero_state():
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_params)
+            return create_state(zeros, tx, with_target=with_target)
+
+        state = jax.jit(zero_state, out_shardings=state_sh)()
     if job.initial_params is not None:
         # Separate buffers for each copy: the step donates its state, and one buffer cannot be
         # donated twice.

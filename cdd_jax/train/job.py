@@ -29,3 +29,7 @@ class Job:
     eval_fn: Callable[[Any], dict[str, float]] | None = None  # state -> held-out scalars.
     sample_fn: Callable[[Any], np.ndarray] | None = None  # state -> uint8 image grid (H, W, 3).
     make_dataset: Callable[[int, int], Any] | None = None  # (process_index, count) -> dataset.
+    # Device batch -> the batch the step trains on, applied by the loop before every step (e.g.
+    # images encoded into a frozen autoencoder's latent space); deterministic, so a resumed run
+    # sees the same batches. None: the batch as the data pipeline made it.
+    prepare_batch: Callable[[dict], dict] | None = None

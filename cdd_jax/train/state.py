@@ -63,9 +63,9 @@ def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int, labels: PyTre
     return tx, schedules
 
 
-# Top-level parts of a parameter tree that never train: the autoencoder of a latent-space job
-# and the fixed prompt embedding of a text-conditioned U-Net (`cdd_jax.models.control`).
-ALWAYS_FROZEN = ("vae", "text")
+# Top-level parts of a parameter tree that never train: the fixed prompt embedding of a
+# text-conditioned U-Net (`cdd_jax.models.control`).
+ALWAYS_FROZEN = ("text",)
 
 
 def param_labels(params: PyTree, *, freeze_backbone: bool) -> PyTree:

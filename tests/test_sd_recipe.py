@@ -13,6 +13,7 @@ import pytest
 from tiny_sd import make_sd15_standin
 
 from cdd_jax.config.validate import validate_config
+from cdd_jax.parallel.sharding import batch_sharding
 from cdd_jax.stages.distill import distill_job
 from cdd_jax.stages.teacher import load_teacher, resolve_teacher
 from cdd_jax.train.builder import build_train_step
@@ -42,7 +43,9 @@ def test_sd_recipe_builds_shards_and_compiles_on_8_devices(tmp_path, caplog):
     eval_set = {"image": jnp.zeros((8, size, size, 3)), "cond": jnp.zeros((8, size, size, 3))}
     job, _, _ = distill_job(config, teacher, eval_set)
     step = build_train_step(job, config)
-    batch = {"image": jnp.zeros((8, size, size, 3)), "cond": jnp.zeros((8, size, size, 3))}
+    batch = job.prepare_batch({"image": jnp.zeros((8, size, size, 3)),
+                               "cond": jnp.zeros((8, size, size, 3))})  # images -> latents
+    batch = jax.device_put(batch, batch_sharding(step.mesh))
     with caplog.at_level(logging.INFO):
         step.compile(batch)
     specs = {jax.tree_util.keystr(p): s.spec

@@ -74,6 +74,9 @@ def _validate_distillation(config: ml_collections.ConfigDict) -> None:
             f"control.anchor_factor {ctl.anchor_factor} must equal degradation.scale "
             f"{config.degradation.scale} and divide data.crop_size {config.data.crop_size} "
             "when the low-frequency anchor is on")
+    if config.stage == "table1" and config.model.family == "unet2d_condition":
+        raise ValueError("stage 'table1' runs pixel-space teachers only; a latent "
+                         "(unet2d_condition) teacher runs with stage 'sr'")
     kind = config.diffusion.prediction_type
     if ctl.anchor_precision > 0 and kind != "v_prediction":
         raise ValueError(f"control.anchor_precision > 0 (the low-frequency anchor) acts on a "

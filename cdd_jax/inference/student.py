@@ -78,6 +78,10 @@ def load_student(path: str | None = None) -> Student:
     path = os.path.abspath(os.path.expanduser(path))
     params, config_dict, info = read_student_folder(path)
     config = saved_config(config_dict)
+    if config.model.family == "unet2d_condition":
+        raise ValueError(f"{path} holds a latent, text-conditioned student; the Upscaler samples "
+                         "pixel-space students only in this version (a latent student needs its "
+                         "teacher's VAE, which the student folder does not hold)")
     model, apply_fn = conditional_model(config)
     abstract = _abstract_params(model, int(info.get("crop_size", config.data.crop_size)),
                                 int(config.control.get("cond_channels", 3)))

@@ -8,7 +8,7 @@ evaluation/sample hooks (those read the state but never change it; they only cos
 one-device references are real command lines (`tests/scale_worker.py`, i.e. `cdd_jax.main`) in a
 process that has a single device, compared through what they write: logged losses, compiled-step
 memory and the final checkpoint. Every run compiles the real U-Net step, which takes tens of
-seconds on two CPU cores, so all but the FSDP check and the early-error checks are `slow`.
+seconds on two CPU cores, so all but the early-error checks are `slow` (CI runs them all).
 """
 
 from __future__ import annotations
@@ -329,6 +329,7 @@ def state_bytes(argument_bytes: int, config, data_parallel: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(SLOW_TEST_TIMEOUT)
 def test_fsdp_pretraining_matches_one_device_and_cuts_memory(runs, reference):
     """Tiny pretraining, FSDP over 8 devices (mesh (1, 8, 1)) vs the one-device run.

@@ -9,8 +9,10 @@ The training stream, in order (every random step has an explicit seed derived fr
                                                       distinct crops per shuffled epoch
     -> shuffle(seed_shuffle)                          a different permutation every epoch
     -> repeat forever
-    -> pad images smaller than the crop (reflect)
-    -> random_map(transform, seed_transform)          crop + flip (pretrain) or the SR degradation;
+    -> pad images smaller than the crop (reflect)     (not for pairs: PairedCrop reads them as
+                                                      they are; see cdd_jax.data.paired)
+    -> random_map(transform, seed_transform)          crop + flip (pretrain), the SR degradation
+                                                      or the aligned crop of a given LR/HR pair;
                                                       the generator is derived from (seed, global
                                                       record index), so it does not depend on
                                                       threads, workers or hosts

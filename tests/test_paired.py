@@ -296,7 +296,42 @@ def test_tfds_paired_dataset_built_locally(pairs_dir):
 
 
 @pytest.mark.slow
+def test_the_sr_stages_train_and_evaluate_on_the_pairs(pairs_dir, caplog):
+    """The distillation Job's dataset and the sr job's evaluation set are crops of the given
+    pairs (no train step is compiled; the whole job is the test below). Passed in 752 s wall,
+    73 s CPU, on the shared 2 cores at load ~7: jitting the tiny network's init."""
+    import jax
+
+    from cdd_jax.config import presets
+    from cdd_jax.config.validate import validate_config
+    from cdd_jax.models.backbone import backbone_from_config
+    from cdd_jax.models.unet import init_params
+    from cdd_jax.parallel.sharding import unbox
+    from cdd_jax.stages.distill import distill_job
+    from cdd_jax.stages.sr import make_sr_eval_set
+
+    config = presets.sr_config("tiny")
+    config.data.update(source="paired_folders", lr_dir=str(pairs_dir / "lr"),
+                       hr_dir=str(pairs_dir / "hr"), eval_fraction=0.4)
+    validate_config(config)
+    with caplog.at_level(logging.INFO, logger="cdd_jax.data.pipeline"):
+        eval_set = make_sr_eval_set(config)
+    assert "the degradation section is not used" in caplog.text
+    teacher = unbox(init_params(backbone_from_config(config.model, config.data.crop_size),
+                                jax.random.key(0), config.data.crop_size))
+    job, _, _ = distill_job(config, teacher, eval_set)
+    batch = job.make_dataset(0, 1)[0]
+    for records in (batch, eval_set):
+        assert records["cond"].shape[1:] == (16, 16, 3)
+        for gt, lq in zip(records["image"], records["lq"], strict=True):
+            np.testing.assert_array_equal(make_lr(to_uint8(gt)), to_uint8(lq))
+
+
+
+@pytest.mark.slow
 def test_tiny_sr_job_trains_on_pairs(pairs_dir, tmp_path, caplog):
+    """The whole tiny sr job on pairs. Not yet seen to finish: stopped after 29 min here (shared
+    2 cores, load ~7) while compiling the distillation step, after the teacher had trained."""
     import cdd_jax
     from cdd_jax.config import presets
 

@@ -1,5 +1,6 @@
 """Stage 2: the conditional network (teacher U-Net + control encoder) trained with
-`distill.objective` on degraded/clean pairs made on the fly."""
+`distill.objective` on degraded/clean pairs made on the fly (or on given aligned pairs,
+`data.source` "paired_folders" / "tfds_paired")."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cdd_jax.data.degradations import SRPairTransform
-from cdd_jax.data.pipeline import build_train_dataset
+from cdd_jax.data.pipeline import build_train_dataset, make_sr_transform
 from cdd_jax.diffusion import Schedule, get_schedule
 from cdd_jax.distill.objectives import compute_loss, objective_spec
 from cdd_jax.distill.sampling import few_step_sample
@@ -86,7 +86,7 @@ def distill_job(config: ml_collections.ConfigDict, teacher_params: PyTree, eval_
                             target_params=target_params, finetuned_params=finetuned)
 
     student_psnr = _heldout_psnr(config, apply_fn, schedule, eval_set)
-    sr = SRPairTransform(config.degradation, size)
+    sr = make_sr_transform(config.data, config.degradation)
     job = Job(
         name=dcfg.objective,
         init_params=init_fn,

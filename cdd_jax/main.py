@@ -8,7 +8,7 @@
 import runpy
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cdd_jax.config_checks import unknown_key_message
@@ -69,7 +69,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}")
     # Imported after flag parsing, so that --help and flag errors answer without loading JAX.
+    from cdd_jax.compile_cache import enable_compilation_cache
     from cdd_jax.parallel.distributed import maybe_initialize
+
+    cache = enable_compilation_cache()  # $CDD_JAX_COMPILATION_CACHE=off turns it off.
+    logging.info("XLA compilation cache: %s", cache or "off")
 
     maybe_initialize(
         FLAGS.distributed,

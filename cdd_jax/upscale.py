@@ -10,7 +10,8 @@ taken as sRGB (ICC profiles are not applied); greyscale stays greyscale, alpha i
 bicubic interpolation, 16-bit inputs give 16-bit outputs. A bad input is one error line and the
 others go on; the exit code is the number of inputs that failed (at most 100; 100 also when the
 student cannot be loaded). Quiet by default:
---verbosity=0 shows the libraries' INFO logs.
+--verbosity=0 shows the libraries' INFO logs. Compiled networks are kept in XLA's persistent
+cache (`cdd_jax.compile_cache`; CDD_JAX_COMPILATION_CACHE=off turns it off).
 """
 
 from __future__ import annotations
@@ -135,8 +136,11 @@ def main(argv: list[str]) -> int:
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from cdd_jax.compile_cache import enable_compilation_cache
     from cdd_jax.inference.student import StudentFolderError
     from cdd_jax.inference.upscaler import Upscaler
+
+    enable_compilation_cache()  # $CDD_JAX_COMPILATION_CACHE=off turns it off.
 
     try:
         upscaler = Upscaler.load(FLAGS.model, tile=FLAGS.tile or None,

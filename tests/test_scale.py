@@ -8,7 +8,7 @@ evaluation/sample hooks (those read the state but never change it; they only cos
 one-device references are real command lines (`tests/scale_worker.py`, i.e. `cdd_jax.main`) in a
 process that has a single device, compared through what they write: logged losses, compiled-step
 memory and the final checkpoint. Every run compiles the real U-Net step, which takes tens of
-seconds on two CPU cores, so all but the FSDP check and the early-error checks are `slow`.
+seconds on two CPU cores, so all but the early-error checks are `slow` (CI runs them all).
 """
 
 from __future__ import annotations
@@ -242,11 +242,33 @@ def _rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+# Attention key biases have no gradient: adding b to every key adds q.b to every logit of a query,
+# which the softmax over keys ignores. What reaches them is roundoff of a sum whose order depends on
+# the mesh, and Adam rescales that noise into real (tiny) steps, so these leaves cannot agree across
+# meshes and are checked for being gradient-free instead of compared.
+GRADIENT_FREE = "['to_k']['bias']"
+
+
+def _norm(leaves) -> float:
+    return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in leaves)))
+
+
 def assert_states_close(got, want, tol: float = TOL) -> None:
-    """Every leaf (params, EMA, target, Adam moments, counters) within `tol` relative error."""
+    """Every leaf (params, EMA, target, Adam moments, counters) within `tol` relative error.
+
+    Except the gradient-free key biases: there both runs' Adam first moments must be roundoff
+    (<= 1e-6 of the first moments' overall norm), which is what makes them incomparable.
+    """
     g, w = _by_path(got), _by_path(want)
     assert g.keys() == w.keys()
-    errors = {k: _rel_err(g[k], w[k]) for k in w}
+    free = {k for k in w if k.endswith(GRADIENT_FREE)}
+    for run in (g, w):
+        mu = [k for k in run if ".mu[" in k]
+        free_mu = [k for k in mu if k in free]
+        if free_mu:
+            ratio = _norm(run[k] for k in free_mu) / _norm(run[k] for k in mu)
+            assert ratio <= 1e-6, ("key-bias gradient is not roundoff", ratio)
+    errors = {k: _rel_err(g[k], w[k]) for k in w if k not in free}
     worst = sorted(errors, key=errors.get, reverse=True)[:5]
     report = [(k, errors[k], float(np.linalg.norm(np.asarray(w[k], np.float64)))) for k in worst]
     assert errors[worst[0]] <= tol, report  # (leaf, relative error, norm); step counter included
@@ -307,6 +329,7 @@ def state_bytes(argument_bytes: int, config, data_parallel: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(SLOW_TEST_TIMEOUT)
 def test_fsdp_pretraining_matches_one_device_and_cuts_memory(runs, reference):
     """Tiny pretraining, FSDP over 8 devices (mesh (1, 8, 1)) vs the one-device run.

@@ -11,6 +11,7 @@ import pytest
 import cdd_jax
 from cdd_jax.config import presets
 from cdd_jax.config.validate import validate_config
+from cdd_jax.convert.pipeline import is_diffusers_folder
 from cdd_jax.data.degradations import SRPairTransform
 from cdd_jax.data.pipeline import build_train_dataset, make_eval_set
 from cdd_jax.distill.ema import ema_decay
@@ -146,12 +147,12 @@ def test_codi_loss_falls_over_a_few_dozen_steps(sr_pieces):
     job, _, _ = distill_job(config, teacher, eval_set)
     state, step, _ = _setup(job, config)
     batch = _batch(config, "sr", sr)
-    keys = [jax.random.key(1000 + i) for i in range(6)]  # fixed t and eps for the comparison
+    keys = jax.random.split(jax.random.key(1000), 6)  # fixed t and eps for the comparison
 
     @jax.jit
-    def fixed_loss(s):
-        return jnp.mean(jnp.stack([job.loss_fn(s.params, s.target_params, None, batch, k)[0]
-                                   for k in keys]))
+    def fixed_loss(s):  # lax.map: the loss is compiled once, not six times
+        return jnp.mean(jax.lax.map(
+            lambda k: job.loss_fn(s.params, s.target_params, None, batch, k)[0], keys))
 
     before = float(fixed_loss(state))
     for i in range(30):
@@ -206,7 +207,13 @@ def test_pretrain_job_end_to_end(tmp_path):
     assert glob.glob(os.path.join(wd, "events.out.tfevents.*"))
     assert sorted(os.listdir(os.path.join(wd, "samples"))) == ["0000003.png", "0000006.png"]
     assert os.path.exists(os.path.join(wd, "config_pretrain.json"))
-    assert os.path.isdir(os.path.join(wd, "export", "params"))
+    # The export is a diffusers pipeline folder holding exactly the returned (EMA) parameters.
+    export = os.path.join(wd, "export")
+    assert is_diffusers_folder(export)
+    _, loaded = cdd_jax.load_diffusers(export, "unet")
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.isfinite(meta["heldout_vloss_ema"])
 
 

@@ -23,7 +23,7 @@ from cdd_jax.config.presets import sr_config
 from cdd_jax.config.saved import saved_config
 from cdd_jax.distill.sampling import few_step_sample
 from cdd_jax.inference.student import Student, StudentFolderError, load_student, save_student
-from cdd_jax.inference.tiling import make_grid, noise_tiles
+from cdd_jax.inference.tiling import make_grid, noise_tiles, seam_ratio
 from cdd_jax.inference.upscaler import Upscaler
 from cdd_jax.train.student_folder import student_info
 from cdd_jax.upscale import upscale_files
@@ -162,22 +162,6 @@ def test_one_tile_equals_the_untiled_network_exactly(upscaler):
         np.testing.assert_array_equal(got, expected)
 
 
-def _seam_ratio(image: np.ndarray, grid) -> float:
-    """Mean squared horizontal + vertical gradient on the columns / rows where a tile starts or
-    ends inside the image, over the same on all other columns / rows."""
-    img = image.astype(np.float64)
-    (top, _), (left, _) = grid.pads
-    edges_y = {v for y in grid.origins()[:, 0] for v in (y - top, y - top + grid.tile)}
-    edges_x = {v for x in grid.origins()[:, 1] for v in (x - left, x - left + grid.tile)}
-    gx = ((img[:, 1:] - img[:, :-1]) ** 2).mean(axis=(0, 2))  # Between columns x-1 and x.
-    gy = ((img[1:] - img[:-1]) ** 2).mean(axis=(1, 2))
-    at_x = np.array([x - 1 in range(len(gx)) and x in edges_x for x in range(1, len(gx) + 1)])
-    at_y = np.array([y - 1 in range(len(gy)) and y in edges_y for y in range(1, len(gy) + 1)])
-    seam = np.concatenate([gx[at_x], gy[at_y]]).mean()
-    rest = np.concatenate([gx[~at_x], gy[~at_y]]).mean()
-    return float(seam / rest)
-
-
 @pytest.mark.parametrize("steps", [1, 4])
 def test_shifted_tile_grids_agree_and_show_no_seams(upscaler, photo, steps):
     """Two grids shifted by half a tile: their mean difference is under half of what another
@@ -193,7 +177,7 @@ def test_shifted_tile_grids_agree_and_show_no_seams(upscaler, photo, steps):
     seed_diff = np.abs(a - other_seed).mean()
     h, w = a.shape[:2]
     grid = make_grid(h, w, upscaler.tile, upscaler.overlap, align=4)
-    ratio = _seam_ratio(a, grid)
+    ratio = seam_ratio(a, grid)
     print(f"K={steps}: grid shift {shift_diff:.4f}, seed change {seed_diff:.4f}, "
           f"seam ratio {ratio:.3f}")
     assert shift_diff < 0.5 * seed_diff
@@ -203,9 +187,9 @@ def test_shifted_tile_grids_agree_and_show_no_seams(upscaler, photo, steps):
     rows = (np.arange(h)[:, None] + top) // grid.stride
     cols = (np.arange(w)[None, :] + left) // grid.stride
     stepped = smooth + ((rows + cols) % 2)[..., None] * (8 / 255)  # Tiles 8 levels apart.
-    print(f"metric: smooth {_seam_ratio(smooth, grid):.3f}, stepped "
-          f"{_seam_ratio(stepped, grid):.3f}")
-    assert _seam_ratio(smooth, grid) < 1.1 < _seam_ratio(stepped, grid)
+    print(f"metric: smooth {seam_ratio(smooth, grid):.3f}, stepped "
+          f"{seam_ratio(stepped, grid):.3f}")
+    assert seam_ratio(smooth, grid) < 1.1 < seam_ratio(stepped, grid)
 
 
 # ---------------------------------------------------------------------------- real inputs

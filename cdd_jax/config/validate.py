@@ -11,7 +11,7 @@ import ml_collections
 
 from cdd_jax import config_checks as checks
 from cdd_jax.config.presets import STAGES, preset
-from cdd_jax.data.config import validate_data_config
+from cdd_jax.data.config import PAIRED_SOURCES, validate_data_config
 from cdd_jax.data.degradations import validate_degradation_config
 from cdd_jax.distill.config import (
     validate_diffusion_config,
@@ -67,6 +67,11 @@ def _validate_distillation(config: ml_collections.ConfigDict) -> None:
     validate_teacher_config(config.teacher)
     if config.stage == "table1":
         validate_table1_config(config)
+    if config.data.source in PAIRED_SOURCES and config.data.scale != config.degradation.scale:
+        raise ValueError(
+            f"data.scale {config.data.scale} (the paired data's) must equal degradation.scale "
+            f"{config.degradation.scale} (the scale the student, its anchor and its export "
+            "are for)")
     ctl = config.control
     if ctl.anchor_precision > 0 and (config.data.crop_size % ctl.anchor_factor
                                      or ctl.anchor_factor != config.degradation.scale):

@@ -7,7 +7,9 @@ from ml_collections import config_dict
 
 from cdd_jax import config_checks as checks
 
-SOURCES = ("bundled", "folder", "tfds")
+SOURCES = ("bundled", "folder", "tfds", "paired_folders", "tfds_paired")
+# Sources of aligned (LR, HR) pairs (cdd_jax.data.paired): crops of both instead of degradation.
+PAIRED_SOURCES = ("paired_folders", "tfds_paired")
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -15,13 +17,35 @@ def data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Where images come from: "bundled" (photos shipped in scikit-image / scikit-learn wheels,
     # fixed train/eval split), "folder" (image files under `folder`) or "tfds" (an ArrayRecord
-    # TFDS dataset read with tfds.data_source, no TensorFlow needed).
+    # TFDS dataset read with tfds.data_source, no TensorFlow needed); aligned LR/HR pairs instead
+    # of degraded HR images: "paired_folders" (lr_dir, hr_dir) or "tfds_paired" (two features).
     c.source = "bundled"
     # Folder of training images (jpg/png/bmp/webp/tiff, searched recursively); source="folder".
     c.folder = ""
     # Folder of held-out evaluation images; None = evaluate on crops of `folder` (not held out,
     # a warning is logged).
     c.eval_folder = config_dict.placeholder(str)
+    # Paired data ("paired_folders", "tfds_paired"; cdd_jax.data.paired): the LR is given, not
+    # made by the degradation section. Every HR must be exactly `scale` x its LR in both sides.
+    c.scale = 4
+    # Folders of LR and HR images matched by file name without extension (relative path under
+    # the folder); names found in only one folder are skipped and counted. source="paired_folders".
+    c.lr_dir = ""
+    c.hr_dir = ""
+    # Held-out pairs for evaluation crops: both folders set = a separate pair of folders; neither
+    # = a fixed `eval_fraction` of the pairs of lr_dir/hr_dir (chosen by a hash of the name, so
+    # it does not depend on file order) is held out of training.
+    c.eval_lr_dir = config_dict.placeholder(str)
+    c.eval_hr_dir = config_dict.placeholder(str)
+    c.eval_fraction = 0.1
+    # Names of the LR and HR Image features of a paired TFDS dataset; source="tfds_paired" (which
+    # reads tfds_name, tfds_split, tfds_eval_split and tfds_data_dir like "tfds").
+    c.lr_feature = "lr"
+    c.hr_feature = "hr"
+    # Alignment check when a paired source opens: this many pairs (evenly spread) are decoded and
+    # the area-downsampled HR compared with the LR; a shifted or unrelated pair is an error
+    # naming it. 0 = no check.
+    c.align_check_pairs = 8
     # TFDS dataset name, e.g. "imagenet2012" or "my_dataset:1.0.0"; source="tfds".
     c.tfds_name = ""
     # TFDS split for training (slicing syntax allowed, e.g. "train[:90%]").
@@ -69,13 +93,36 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     checks.choice(cfg, "source", SOURCES, prefix="data.")
     for key in ("crop_size", "batch_size", "num_eval_crops", "min_records_per_epoch"):
         checks.number(cfg, key, 1, integer=True, prefix="data.")
-    for key in ("num_workers", "read_threads", "prefetch", "min_image_size"):
+    for key in ("num_workers", "read_threads", "prefetch", "min_image_size", "align_check_pairs"):
         checks.number(cfg, key, 0, integer=True, prefix="data.")
     for key in ("seed", "eval_seed"):
         checks.number(cfg, key, 0, 2**32, hi_open=True, integer=True, prefix="data.")
     for key in ("random_flip", "shuffle"):
         checks.boolean(cfg, key, prefix="data.")
+    checks.number(cfg, "scale", 1, integer=True, prefix="data.")
+    checks.number(cfg, "eval_fraction", 0, 1, lo_open=True, hi_open=True, prefix="data.")
+    if cfg.source in PAIRED_SOURCES:
+        _validate_paired(cfg)
     if cfg.source == "folder" and not cfg.folder:
         raise ValueError("data.source='folder' needs data.folder (a directory of images)")
     if cfg.source == "tfds" and not cfg.tfds_name:
         raise ValueError("data.source='tfds' needs data.tfds_name (a TFDS dataset name)")
+
+
+def _validate_paired(cfg: ml_collections.ConfigDict) -> None:
+    if cfg.crop_size % cfg.scale:
+        raise ValueError(f"data.crop_size {cfg.crop_size} must be a multiple of data.scale "
+                         f"{cfg.scale} for paired data (the LR crop is crop_size / scale)")
+    if cfg.source == "paired_folders":
+        if not cfg.lr_dir or not cfg.hr_dir:
+            raise ValueError("data.source='paired_folders' needs data.lr_dir and data.hr_dir "
+                             "(folders of LR and HR images matched by file name)")
+        if bool(cfg.eval_lr_dir) != bool(cfg.eval_hr_dir):
+            raise ValueError("set both data.eval_lr_dir and data.eval_hr_dir, or neither (then "
+                             "data.eval_fraction of the pairs is held out)")
+    else:
+        if not cfg.tfds_name:
+            raise ValueError("data.source='tfds_paired' needs data.tfds_name")
+        if not cfg.lr_feature or not cfg.hr_feature or cfg.lr_feature == cfg.hr_feature:
+            raise ValueError(f"data.lr_feature {cfg.lr_feature!r} and data.hr_feature "
+                             f"{cfg.hr_feature!r} must be two different feature names")

@@ -9,8 +9,10 @@ The training stream, in order (every random step has an explicit seed derived fr
                                                       distinct crops per shuffled epoch
     -> shuffle(seed_shuffle)                          a different permutation every epoch
     -> repeat forever
-    -> pad images smaller than the crop (reflect)
-    -> random_map(transform, seed_transform)          crop + flip (pretrain) or the SR degradation;
+    -> pad images smaller than the crop (reflect)     (not for pairs: PairedCrop reads them as
+                                                      they are; see cdd_jax.data.paired)
+    -> random_map(transform, seed_transform)          crop + flip (pretrain), the SR degradation
+                                                      or the aligned crop of a given LR/HR pair;
                                                       the generator is derived from (seed, global
                                                       record index), so it does not depend on
                                                       threads, workers or hosts
@@ -26,6 +28,7 @@ row, and no record is used twice. Row order matters: the train step draws per-ro
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -34,9 +37,14 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from cdd_jax.data.config import validate_data_config
+from cdd_jax.data import sources
+from cdd_jax.data.config import PAIRED_SOURCES, validate_data_config
+from cdd_jax.data.degradations import SRPairTransform
 from cdd_jax.data.images import pad_to_min_size
-from cdd_jax.data.sources import ImageSource, make_source
+from cdd_jax.data.paired import PairedCrop, make_paired_source
+from cdd_jax.data.sources import ImageSource
+
+logger = logging.getLogger(__name__)
 
 TASKS = ("pretrain", "sr")
 
@@ -62,6 +70,13 @@ class PadToRecord(grain.transforms.Map):
 
     def map(self, image: np.ndarray) -> dict[str, np.ndarray]:
         return {"image": pad_to_min_size(image, self.min_size, self.min_size)}
+
+
+class HighResolutionOnly(grain.transforms.Map):
+    """A paired record -> its HR image (pretraining on the HR side of paired data)."""
+
+    def map(self, element: dict[str, np.ndarray]) -> np.ndarray:
+        return element["image"]
 
 
 class RandomCropFlip(grain.transforms.RandomMap):
@@ -123,6 +138,29 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
+def make_source(data_cfg: ml_collections.ConfigDict, split: str) -> Any:
+    """The source named by `data.source` for split "train" or "eval": an image source
+    (`sources.make_source`) or a source of aligned pairs (`paired.make_paired_source`)."""
+    if data_cfg.source in PAIRED_SOURCES:
+        return make_paired_source(data_cfg, split)
+    return sources.make_source(data_cfg, split)
+
+
+def make_sr_transform(
+    data_cfg: ml_collections.ConfigDict, degradation_cfg: ml_collections.ConfigDict
+) -> grain.transforms.RandomMap:
+    """The transform that makes SR records: aligned crops of given pairs for a paired source
+    (the degradation section is then not used), else the on-the-fly degradation."""
+    if data_cfg.source in PAIRED_SOURCES:
+        logger.info(
+            "data.source=%r: training and evaluation pairs are crops of the given LR/HR pairs; "
+            "the degradation section is not used to make them",
+            data_cfg.source,
+        )
+        return PairedCrop(data_cfg.crop_size, data_cfg.scale, data_cfg.random_flip)
+    return SRPairTransform(degradation_cfg, data_cfg.crop_size)
+
+
 def _nonempty_source(data_cfg, split: str, source=None):
     """`source`, or the config's source of `split` ("train" | "eval"); an empty one is an error."""
     if source is None:
@@ -131,6 +169,23 @@ def _nonempty_source(data_cfg, split: str, source=None):
         kind = "training" if split == "train" else "evaluation"
         raise ValueError(f"{kind} source {source!r} is empty")
     return source
+
+
+def _records(ds: grain.MapDataset, data_cfg, source, transform) -> grain.MapDataset:
+    """Source items -> what `transform` reads: pairs as they are for `PairedCrop`, the HR of a
+    pair or a padded image for the others. `PairedCrop` on images, or an SR transform that would
+    ignore a pair's LR (degrading its HR instead), is an error."""
+    paired = getattr(source, "paired", False)
+    if isinstance(transform, PairedCrop) != paired and not isinstance(transform, RandomCropFlip):
+        raise ValueError(
+            f"source {source!r} and transform {transform!r} do not fit: paired sources make SR "
+            "records with PairedCrop (make_sr_transform), image sources with the degradation"
+        )
+    if isinstance(transform, PairedCrop):
+        return ds
+    if paired:
+        ds = ds.map(HighResolutionOnly())
+    return ds.map(PadToRecord(_min_size(data_cfg)))
 
 
 def build_train_dataset(
@@ -163,7 +218,7 @@ def build_train_dataset(
     if data_cfg.shuffle:
         ds = ds.shuffle(seed=derive_seed(data_cfg.seed, _SHUFFLE))
     ds = ds.repeat(None)  # reseed_each_epoch: the shuffle above changes every epoch.
-    ds = ds.map(PadToRecord(_min_size(data_cfg)))
+    ds = _records(ds, data_cfg, source, transform)
     ds = ds.random_map(transform, seed=derive_seed(data_cfg.seed, _TRAIN_TRANSFORM))
     ds = ds.batch(batch, drop_remainder=True)
     return ds[process_index::process_count]
@@ -241,7 +296,7 @@ def make_eval_set(
     source = _nonempty_source(data_cfg, "eval", source)
     n = len(source)
     ds = grain.MapDataset.source(source).repeat(math.ceil(num_crops / n), reseed_each_epoch=False)
-    ds = ds.map(PadToRecord(_min_size(data_cfg)))
+    ds = _records(ds, data_cfg, source, transform)
     ds = ds.random_map(transform, seed=derive_seed(seed, _EVAL_TRANSFORM))
     records = [ds[i] for i in range(num_crops)]
     return {k: np.stack([r[k] for r in records]) for k in records[0]}

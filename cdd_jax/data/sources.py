@@ -185,6 +185,19 @@ def find_image_key(features: Any, image_key: str | None, dataset: str) -> str:
     return images[0]
 
 
+def open_tfds(name: str, data_dir: str | None) -> Any:
+    """The TFDS builder of a prepared dataset; ValueError naming it when it cannot be opened."""
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except Exception as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"cannot open TFDS dataset {name!r} (data_dir={data_dir!r}): {first_line}"
+        ) from e
+
+
 class TfdsImageSource:
     """The image feature of one split of a prepared TFDS dataset, via `tfds.data_source`.
 
@@ -200,18 +213,10 @@ class TfdsImageSource:
         data_dir: str | os.PathLike | None = None,
         image_key: str | None = None,
     ):
-        import tensorflow_datasets as tfds
-
         self.name, self.split = name, split
         self.data_dir = None if data_dir is None else os.fspath(data_dir)
-        try:
-            builder = tfds.builder(name, data_dir=self.data_dir)
-        except Exception as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(
-                f"cannot open TFDS dataset {name!r} (data_dir={self.data_dir!r}): {first_line}"
-            ) from e
-        self.image_key = find_image_key(builder.info.features, image_key, name)
+        self.image_key = find_image_key(open_tfds(name, self.data_dir).info.features, image_key,
+                                        name)
         self._source: Sequence[Any] | None = None
         try:
             self._open()
@@ -280,4 +285,7 @@ def make_source(data_cfg: ml_collections.ConfigDict, split: str) -> ImageSource:
         return TfdsImageSource(
             data_cfg.tfds_name, tfds_split, data_cfg.tfds_data_dir, data_cfg.image_key
         )
-    raise ValueError(f"unknown data.source {data_cfg.source!r}; expected bundled, folder or tfds")
+    raise ValueError(
+        f"unknown image source {data_cfg.source!r}; expected bundled, folder or tfds (paired "
+        "sources: cdd_jax.data.paired.make_paired_source, or cdd_jax.data.pipeline.make_source)"
+    )

@@ -10,6 +10,10 @@ tool) can read random-access:
     )
     # then: data.source="tfds", data.tfds_name="local_images", data.tfds_data_dir="/path/tfds"
 
+`LocalImagePairs(lr_dir=..., hr_dir=..., data_dir=...)` does the same for aligned LR/HR pairs
+matched by file name (features "lr", "hr", "filename"; every pair goes to "train"), read with
+data.source="tfds_paired", data.tfds_name="local_image_pairs".
+
 If `image_dir` has sub-folders named after splits ("train", "validation", "test"), each becomes
 that split; otherwise every image goes to "train". Unreadable files are skipped as in
 `ImageFolderSource`. The class lives in an importable module (not `__main__`) because TFDS
@@ -28,6 +32,7 @@ from etils import epath
 from PIL import Image
 
 from cdd_jax.data.images import decode_image
+from cdd_jax.data.paired import match_pairs
 from cdd_jax.data.sources import scan_image_folder
 
 logger = logging.getLogger(__name__)
@@ -85,6 +90,40 @@ class LocalImages(tfds.core.GeneratorBasedBuilder):
                 continue
             key = os.path.relpath(file, folder)
             yield key, {"image": _png_bytes(image), "filename": key}
+
+
+class LocalImagePairs(tfds.core.GeneratorBasedBuilder):
+    """Aligned LR/HR image pairs from two local folders (matched by name) as a TFDS dataset."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "LR/HR pairs from two local folders."}
+    code_path = epath.Path(os.path.abspath(__file__))
+    pkg_dir_path = code_path.parent
+
+    def __init__(self, *, lr_dir: str | None = None, hr_dir: str | None = None, **kwargs):
+        self._dirs = (lr_dir, hr_dir)
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        image = tfds.features.Image(shape=(None, None, 3), encoding_format="png")
+        return self.dataset_info_from_configs(
+            description="Aligned LR/HR pairs from two local folders, re-encoded as PNG.",
+            features=tfds.features.FeaturesDict(
+                {"lr": image, "hr": image, "filename": tfds.features.Text()}
+            ),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # Nothing is downloaded.
+        if None in self._dirs:
+            raise ValueError("LocalImagePairs needs lr_dir=... and hr_dir=... to prepare")
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        pairs, _ = match_pairs(*map(os.fspath, self._dirs))
+        for name, lr_path, hr_path in pairs:
+            lr, hr = decode_image(lr_path), decode_image(hr_path)
+            yield name, {"lr": _png_bytes(lr), "hr": _png_bytes(hr), "filename": name}
 
 
 def _png_bytes(image: np.ndarray) -> bytes:

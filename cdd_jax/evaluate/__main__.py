@@ -21,6 +21,8 @@ flags.DEFINE_string("out", None, "Output folder of the report.")
 flags.DEFINE_integer("tile", 0, "Tile side in output pixels (0: the training crop size).")
 flags.DEFINE_integer("overlap", -1, "Tile overlap in output pixels (-1: a quarter tile).")
 flags.DEFINE_integer("tile_batch", 16, "Tiles per network call.")
+flags.DEFINE_string("renoise", None, "Sampler between steps: ddim or fresh (default: the "
+                    "student's first evaluated one).")
 flags.DEFINE_string("lpips", "alex", "LPIPS network (alex or vgg; empty: no LPIPS).")
 flags.mark_flags_as_required(["hr", "out"])
 FLAGS = flags.FLAGS
@@ -30,12 +32,14 @@ def main(argv) -> None:
     del argv
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    from cdd_jax.compile_cache import enable_compilation_cache
     from cdd_jax.inference.evaluate import evaluate_folder
     from cdd_jax.inference.upscaler import Upscaler
 
+    enable_compilation_cache()  # $CDD_JAX_COMPILATION_CACHE=off turns it off.
     upscaler = Upscaler.load(FLAGS.model, tile=FLAGS.tile or None,
                              overlap=None if FLAGS.overlap < 0 else FLAGS.overlap,
-                             tile_batch=FLAGS.tile_batch)
+                             tile_batch=FLAGS.tile_batch, renoise=FLAGS.renoise)
     evaluate_folder(upscaler, FLAGS.hr, FLAGS.out, lr_dir=FLAGS.lr,
                     steps=[int(k) for k in FLAGS.steps], seed=FLAGS.seed,
                     lpips_net=FLAGS.lpips or None, progress=True)

@@ -8,7 +8,8 @@ The condition is the input upsampled by bicubic interpolation over the WHOLE ima
 it, their noise crops of one noise plane (`tiling.py`). Every tile runs the student's K-step
 sampler (`few_step_sample`, the sampler the job evaluated) on its own; the outputs are blended.
 Memory: the network sees `tile_batch` tiles at a time; the condition, the output and the blend
-accumulators are whole-image arrays (about 28 bytes per output pixel).
+accumulators are whole-image float32 arrays (about 28 bytes per output pixel at the peak, the
+arithmetic on them done in place).
 Colours: the values are taken as sRGB (embedded ICC profiles are not applied). Greyscale stays
 greyscale (the network sees it as grey RGB; the output is the mean of its channels); alpha is
 upscaled separately by bicubic interpolation.
@@ -89,10 +90,14 @@ class Upscaler:
         s, t = self.scale, self.tile
         h, w = rgb.shape[:2]
         lr = np.ascontiguousarray(rgb, dtype=np.float32)
-        cond = np.clip(cv2.resize(lr, (w * s, h * s), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
-        cond = cond.reshape(h * s, w * s, 3) * np.float32(2.0) - np.float32(1.0)
         grid = make_grid(h * s, w * s, t, self.overlap, align=s, offset=offset)
+        cond = cv2.resize(lr, (w * s, h * s), interpolation=cv2.INTER_CUBIC)
+        cond = cond.reshape(h * s, w * s, 3)
+        np.clip(cond, 0.0, 1.0, out=cond)  # In place: whole-image arrays are the memory that
+        cond *= np.float32(2.0)  # grows with the image (the network's is bounded by tile_batch).
+        cond -= np.float32(1.0)
         canvas = pad_to_canvas(cond, grid)
+        del cond
         origins = grid.origins()
         to_global = np.array([grid.start_y, grid.start_x], np.int32)
         key = jax.random.key(seed)
@@ -110,7 +115,11 @@ class Upscaler:
                 for j, i in enumerate(idx):
                     blender.add(int(i), origins[i], out[j])
                 bar.update(len(idx))
-        return np.clip((blender.result() + np.float32(1.0)) / np.float32(2.0), 0.0, 1.0)
+        del canvas
+        out = blender.result()
+        out += np.float32(1.0)
+        out /= np.float32(2.0)
+        return np.clip(out, 0.0, 1.0, out=out)
 
     def __call__(self, image: np.ndarray, steps: int | None = None, seed: int = 0, *,
                  renoise: str | None = None, offset: tuple[int, int] = (0, 0),

@@ -1,5 +1,6 @@
 """Stage 2: the conditional network (teacher U-Net + control encoder) trained with
-`distill.objective` on degraded/clean pairs made on the fly.
+`distill.objective` on degraded/clean pairs made on the fly (or on given aligned pairs,
+`data.source` "paired_folders" / "tfds_paired").
 
 Latent teachers (`model.family = "unet2d_condition"`): the clean image is encoded with the
 teacher's VAE before each step (`Job.prepare_batch`; the VAE stays out of the train state), so
@@ -15,8 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cdd_jax.convert.sd import load_prompt_embeds, load_vae
-from cdd_jax.data.degradations import SRPairTransform
-from cdd_jax.data.pipeline import build_train_dataset
+from cdd_jax.data.pipeline import build_train_dataset, make_sr_transform
 from cdd_jax.diffusion import Schedule, get_schedule
 from cdd_jax.distill.objectives import compute_loss, objective_spec
 from cdd_jax.distill.sampling import few_step_sample
@@ -121,7 +121,7 @@ def distill_job(config: ml_collections.ConfigDict, teacher_params: PyTree, eval_
 
     sampler = student_sampler(config, apply_fn, schedule, space, vae_params)
     student_psnr = _heldout_psnr(config, sampler, eval_set)
-    sr = SRPairTransform(config.degradation, size)
+    sr = make_sr_transform(config.data, config.degradation)
     job = Job(
         name=dcfg.objective,
         init_params=init_fn,

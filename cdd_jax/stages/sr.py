@@ -8,8 +8,7 @@ import os
 
 import ml_collections
 
-from cdd_jax.data.degradations import SRPairTransform
-from cdd_jax.data.pipeline import make_eval_set
+from cdd_jax.data.pipeline import make_eval_set, make_sr_transform
 from cdd_jax.evaluate.sr import evaluate_sr
 from cdd_jax.parallel.distributed import is_main_process
 from cdd_jax.stages.distill import distill, latent_space, student_sampler
@@ -18,9 +17,10 @@ from cdd_jax.train.student_folder import save_student
 
 
 def make_sr_eval_set(config: ml_collections.ConfigDict) -> dict:
-    """The fixed held-out crops with their degraded inputs: {"image", "lq", "cond"}."""
+    """The fixed held-out crops with their degraded (or, for paired data, given) inputs:
+    {"image", "lq", "cond"}."""
     return make_eval_set(config.data, task="sr",
-                         sr_transform=SRPairTransform(config.degradation, config.data.crop_size))
+                         sr_transform=make_sr_transform(config.data, config.degradation))
 
 
 def run_sr(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:

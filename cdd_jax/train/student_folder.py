@@ -19,14 +19,14 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from cdd_jax.fileio import replaced_folder
 
 FORMAT = "cdd_jax-student"
 FORMAT_VERSION = 1
@@ -113,10 +113,8 @@ def write_student_folder(path: str, params: Mapping, config: Mapping, info: Mapp
     from safetensors.numpy import save_file
 
     path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-    try:
+    with replaced_folder(path) as out:
+        tmp = str(out)
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 -> what makedirs would have given.
@@ -127,16 +125,6 @@ def write_student_folder(path: str, params: Mapping, config: Mapping, info: Mapp
                         "bytes": os.path.getsize(os.path.join(tmp, name))} for name in FILES}
         _dump(os.path.join(tmp, MANIFEST), {"format": FORMAT, "format_version": FORMAT_VERSION,
                                             "files": files})
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-            os.replace(path, os.path.join(old, "student"))
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

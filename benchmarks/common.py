@@ -187,6 +187,18 @@ def _serve(conn, factory: Callable[..., Bench], args: tuple, kwargs: dict) -> No
             conn.send(("error", traceback.format_exc()))
 
 
+def payload_header(name: str, machine: dict, machine_end: dict) -> dict[str, Any]:
+    """The fields a benchmark's JSON starts with: its name, `machine_info()` taken at the start,
+    and the uptime and load average at the end beside the load at the start."""
+    return {
+        "benchmark": name,
+        "machine": machine,
+        "uptime_end": machine_end["uptime"],
+        "load_average_start": machine["load_average"],
+        "load_average_end": machine_end["load_average"],
+    }
+
+
 @contextlib.contextmanager
 def _env(overrides: dict[str, str | None]):
     old = {k: os.environ.get(k) for k in overrides}

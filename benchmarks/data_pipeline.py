@@ -245,12 +245,8 @@ def main() -> None:
 
     md = markdown(config, args, (machine, load_mid, machine_end), throughput, runs)
     payload = {
-        "benchmark": "data_pipeline",
-        "machine": machine,
-        "load_average_start": machine["load_average"],
+        **common.payload_header("data_pipeline", machine, machine_end),
         "load_average_mid": load_mid["load_average"],
-        "load_average_end": machine_end["load_average"],
-        "uptime_end": machine_end["uptime"],
         "load_per_round": loads,
         "args": vars(args),
         "throughput": throughput,

@@ -17,13 +17,18 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 
 import cv2
 import numpy as np
 from absl import app, flags
 
-from cdd_jax.data import degradations as deg
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+from cdd_jax.data import degradations as deg  # noqa: E402
 
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 100, "Timed examples per configuration.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON and table go.")
@@ -106,17 +111,6 @@ def op_breakdown(images, size: int, seed: int) -> dict:
     }
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def run(num: int, seed: int) -> dict:
     _single_threaded()
     images = bundled_images()
@@ -145,7 +139,7 @@ def run(num: int, seed: int) -> dict:
         "rows": rows,
         "op_cpu_ms": breakdown,
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": common.cpu_model(),
             "cores": os.cpu_count(),
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),

@@ -200,11 +200,7 @@ def main() -> None:
     ratio_cpu = main_res[teacher]["per_image_cpu_ms"] / main_res["student_K4"]["per_image_cpu_ms"]
     machine_end = common.machine_info()
     payload = {
-        "benchmark": "sampling",
-        "machine": machine,
-        "uptime_end": machine_end["uptime"],
-        "load_average_start": machine["load_average"],
-        "load_average_end": machine_end["load_average"],
+        **common.payload_header("sampling", machine, machine_end),
         "load_per_round": res["load_per_round"],
         "args": vars(args),
         "results": results,

@@ -365,11 +365,7 @@ def main() -> None:
             w.close()
     end = common.machine_info()
     payload = {
-        "benchmark": "train_step",
-        "machine": machine,
-        "uptime_end": end["uptime"],
-        "load_average_start": machine["load_average"],
-        "load_average_end": end["load_average"],
+        **common.payload_header("train_step", machine, end),
         "args": vars(args),
         "groups": groups,
     }

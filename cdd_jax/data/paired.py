@@ -27,11 +27,11 @@ import os
 import warnings
 from typing import Any
 
-import cv2
 import grain
 import numpy as np
 from PIL import Image
 
+from cdd_jax.data.degradations.transform import sr_example
 from cdd_jax.data.images import IMAGE_EXTENSIONS, decode_image, to_rgb_uint8
 from cdd_jax.data.sources import find_image_key, open_tfds
 
@@ -336,10 +336,4 @@ class PairedCrop(grain.transforms.RandomMap):
             lq, gt = lq[:, ::-1], gt[:, ::-1]
         lq = np.ascontiguousarray(lq).astype(np.float32) / np.float32(255.0)
         gt = gt.astype(np.float32) / np.float32(255.0)
-        cond = np.clip(cv2.resize(lq, (crop, crop), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
-        two, one = np.float32(2.0), np.float32(1.0)
-        return {
-            "image": np.ascontiguousarray(gt * two - one, dtype=np.float32),
-            "lq": lq * two - one,
-            "cond": cond * two - one,
-        }
+        return sr_example(gt, lq, crop)

@@ -225,11 +225,18 @@ class SRPairTransform(grain.transforms.RandomMap):
             left = int(rng.integers(n_lq - c_lq + 1))
             lq = lq[top : top + c_lq, left : left + c_lq]
             gt = gt[top * scale : (top + c_lq) * scale, left * scale : (left + c_lq) * scale]
-        lq = np.ascontiguousarray(lq)
-        cond = np.clip(cv2.resize(lq, (crop, crop), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
-        two, one = np.float32(2.0), np.float32(1.0)
-        return {
-            "image": np.ascontiguousarray(gt * two - one, dtype=np.float32),
-            "lq": lq * two - one,
-            "cond": cond * two - one,
-        }
+        return sr_example(gt, lq, crop)
+
+
+def sr_example(gt: np.ndarray, lq: np.ndarray, crop: int) -> dict:
+    """One training example from a high-quality crop `gt` [crop, crop, 3] and its low-quality
+    counterpart `lq` [crop / scale, crop / scale, 3], both float32 in [0, 1]: "image" (gt),
+    "lq" and "cond" (lq bicubically upsampled to the crop size, clipped), all in [-1, 1]."""
+    lq = np.ascontiguousarray(lq)
+    cond = np.clip(cv2.resize(lq, (crop, crop), interpolation=cv2.INTER_CUBIC), 0.0, 1.0)
+    two, one = np.float32(2.0), np.float32(1.0)
+    return {
+        "image": np.ascontiguousarray(gt * two - one, dtype=np.float32),
+        "lq": lq * two - one,
+        "cond": cond * two - one,
+    }

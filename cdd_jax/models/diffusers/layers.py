@@ -86,6 +86,21 @@ def broadcast_timesteps(timesteps, batch: int) -> jax.Array:
     return jnp.broadcast_to(t.astype(jnp.float32).reshape(-1), (batch,))
 
 
+def unet_time_embedding(cfg: dict, sample: jax.Array, timesteps, dtype: Dtype) -> jax.Array:
+    """The U-Nets' common input check and time embedding, called inside a U-Net's compact method
+    (so `time_embedding` is created in its scope): `sample` must be NHWC with H and W divisible
+    by the total downsampling; timesteps (checkpoint units) -> `time_embedding` output [B, D]."""
+    ch = cfg["block_out_channels"]
+    n = len(ch)
+    if sample.ndim != 4 or sample.shape[1] % 2 ** (n - 1) or sample.shape[2] % 2 ** (n - 1):
+        raise ValueError(f"sample must be NHWC with H, W divisible by {2 ** (n - 1)}, "
+                         f"got shape {sample.shape}")
+    t = broadcast_timesteps(timesteps, sample.shape[0])
+    t_emb = timestep_embedding(t, ch[0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
+    return TimestepEmbedding(cfg["time_embedding_dim"] or 4 * ch[0], dtype,
+                             name="time_embedding")(t_emb)
+
+
 class TimestepEmbedding(nn.Module):
     """`linear_1` -> SiLU -> `linear_2` (diffusers `TimestepEmbedding`)."""
 

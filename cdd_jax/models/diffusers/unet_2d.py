@@ -17,12 +17,10 @@ from cdd_jax.models.diffusers.blocks import (
     reject_unsupported,
 )
 from cdd_jax.models.diffusers.layers import (
-    TimestepEmbedding,
     activation,
-    broadcast_timesteps,
     conv,
     group_norm,
-    timestep_embedding,
+    unet_time_embedding,
 )
 from cdd_jax.models.layers import constrain
 
@@ -118,15 +116,7 @@ def time_features(u: UNet2DModel, sample: jax.Array, timesteps) -> jax.Array:
     cfg = u.config
     validate(cfg)
     activation(cfg["act_fn"])
-    ch = cfg["block_out_channels"]
-    n = len(ch)
-    if sample.ndim != 4 or sample.shape[1] % 2 ** (n - 1) or sample.shape[2] % 2 ** (n - 1):
-        raise ValueError(f"sample must be NHWC with H, W divisible by {2 ** (n - 1)}, "
-                         f"got shape {sample.shape}")
-    t = broadcast_timesteps(timesteps, sample.shape[0])
-    t_emb = timestep_embedding(t, ch[0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
-    return TimestepEmbedding(cfg["time_embedding_dim"] or 4 * ch[0], u.dtype,
-                             name="time_embedding")(t_emb)
+    return unet_time_embedding(cfg, sample, timesteps, u.dtype)
 
 
 def encoder_features(u: UNet2DModel, sample: jax.Array, emb: jax.Array, *, train: bool,

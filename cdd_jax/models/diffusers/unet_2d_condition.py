@@ -18,12 +18,10 @@ from cdd_jax.models.diffusers.blocks import (
     reject_unsupported,
 )
 from cdd_jax.models.diffusers.layers import (
-    TimestepEmbedding,
     activation,
-    broadcast_timesteps,
     conv,
     group_norm,
-    timestep_embedding,
+    unet_time_embedding,
 )
 from cdd_jax.models.layers import constrain
 
@@ -161,15 +159,7 @@ def time_features(u: UNet2DConditionModel, sample: jax.Array, timesteps,
         got = None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)
         raise ValueError(f"UNet2DConditionModel needs encoder_hidden_states [B, T, {width}], "
                          f"got {got}")
-    ch = cfg["block_out_channels"]
-    n = len(ch)
-    if sample.ndim != 4 or sample.shape[1] % 2 ** (n - 1) or sample.shape[2] % 2 ** (n - 1):
-        raise ValueError(f"sample must be NHWC with H, W divisible by {2 ** (n - 1)}, "
-                         f"got shape {sample.shape}")
-    t = broadcast_timesteps(timesteps, sample.shape[0])
-    t_emb = timestep_embedding(t, ch[0], cfg["flip_sin_to_cos"], cfg["freq_shift"])
-    emb = TimestepEmbedding(cfg["time_embedding_dim"] or 4 * ch[0], u.dtype,
-                            name="time_embedding")(t_emb)
+    emb = unet_time_embedding(cfg, sample, timesteps, u.dtype)
     return emb, encoder_hidden_states.astype(u.dtype)
 
 

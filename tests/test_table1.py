@@ -486,6 +486,11 @@ def test_seeds_are_run_and_reused_one_by_one(tmp_path, monkeypatch):
         per_seed = json.load(f)
     assert sorted({r["seed"] for r in per_seed}) == [0, 1, 2]
     assert len(per_seed) == 3 * len(rows)
+    md = open(os.path.join(workdir, "table1.md")).read()
+    assert "Seeds: 3 (0, 1, 2)" in md and "± is the half-width of the 95% Student-t interval" in md
+    codi_line = next(ln for ln in md.splitlines() if ln.startswith("| codi | ddim | 4 |"))
+    psnr = next(r for r in rows if _key(r) == ("codi", "ddim", 4, "psnr"))
+    assert f"{psnr['value']:.2f} ± {psnr['ci95']:.2f}" in codi_line
 
     # A finished seed is reused per seed: deleting seed 1's codi result retrains only that one.
     os.remove(os.path.join(workdir, "seed1", "codi", "eval.json"))

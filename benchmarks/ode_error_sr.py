@@ -60,9 +60,11 @@ STEPS_K = (1, 2, 4)
 
 
 def make_config(variant: str, overrides: list[str]):
-    """The Table 1 preset with only the three rows, K = 1, 2, 4, and `key=value` overrides."""
+    """The Table 1 preset with only the three rows, one seed (the first of `table1.seeds`; set
+    another with --set=table1.seeds=S), K = 1, 2, 4, and `key=value` overrides."""
     config = presets.table1_config(variant)
     config.table1.rows = ROWS
+    config.table1.seeds = config.table1.seeds[:1]
     config.table1.cm_steps = config.table1.direct_cm_steps = STEPS_K
     for item in overrides:
         key, value = item.split("=", 1)
@@ -75,18 +77,21 @@ def make_config(variant: str, overrides: list[str]):
             section[last] = tuple(type(section[last][0])(v) for v in value.split(","))
         else:
             section[last] = value in ("1", "true", "True") if kind is bool else kind(value)
+    config.seed = config.table1.seeds[0]  # as the Table 1 driver runs that seed's rows
     validate_config(config)
     return config
 
 
 def load_rows(config, workdir: str) -> dict:
-    """{row: EMA params} of the finished finetune, cm and direct_cm rows in `workdir`."""
+    """{row: EMA params} of the finished finetune, cm and direct_cm rows of the first seed of
+    `config.table1.seeds` in `workdir` (DIR/seed<S>/<row>)."""
     params = {}
+    seed_dir = os.path.join(workdir, f"seed{config.table1.seeds[0]}")
     for row in ROWS:
-        p = finished_params(os.path.join(workdir, row), config.train.num_steps)
+        p = finished_params(os.path.join(seed_dir, row), config.train.num_steps)
         if p is None:
             raise FileNotFoundError(
-                f"no finished {row} run of {config.train.num_steps} steps in {workdir}/{row} "
+                f"no finished {row} run of {config.train.num_steps} steps in {seed_dir}/{row} "
                 "(run the Table 1 job there first, or pass --train)")
         params[row] = p
     return params

@@ -1,10 +1,13 @@
-"""The paper's Table 1 at small scale: bicubic, fine-tuned model (DDIM / DPM-Solver++), CM-II,
-GD-II, PE-CoDi, CoDi and Direct CM, all from the shipped teacher with the same budget; writes
-DIR/table1.md, DIR/table1.json, DIR/table1_quality_vs_nfe.png and DIR/table1_grid.png.
+"""The paper's Table 1 at small scale: bicubic, fine-tuned model (DDIM / DPM-Solver++), CM,
+GD (distillation-first by default, `table1.gd_order`), PE-CoDi, CoDi and Direct CM, all from the
+shipped teacher with the same budget per row, each for every seed of `table1.seeds`; writes
+DIR/table1.md, DIR/table1.json (seed means, 95% t-intervals, per-seed values),
+DIR/table1_per_seed.json, DIR/table1_quality_vs_nfe.png and DIR/table1_grid.png.
 
     python -m cdd_jax.main --config=configs/table1.py --workdir=/tmp/table1
-Variants: default (bundled photos, shipped teacher, about 2 hours on 2 CPU cores), tiny (tests).
-Running the command again resumes: finished rows are skipped, partial ones resume.
+Variants: default (bundled photos, shipped teacher, three seeds: roughly 1 hour per seed on 2
+quiet CPU cores, plus the Direct CM row), tiny (tests, one seed).
+Running the command again resumes: finished rows of each seed are skipped, partial ones resume.
 """
 
 from cdd_jax.config.presets import table1_config

@@ -15,7 +15,9 @@ from PIL import Image
 
 from cdd_jax.data import (
     EVAL_IMAGES,
+    TEST_IMAGES,
     TRAIN_IMAGES,
+    VALIDATION_IMAGES,
     BundledImages,
     ImageFolderSource,
     build_train_dataset,
@@ -122,7 +124,27 @@ def test_bundled_splits_disjoint_rgb_and_no_near_duplicates():
         assert min(np.abs(thumbs[e] - thumbs[t]).mean() for t in train.names) > 30, e
     assert train[0] is train[0]  # cached per process
     with pytest.raises(ValueError, match="split"):
-        BundledImages("test")
+        BundledImages("val")
+
+
+def test_train_validation_and_test_photos_are_disjoint_and_not_near_duplicates():
+    """The three named lists (one place: cdd_jax.data.bundled) share no photo, cover every
+    bundled photo, and no test photo is a near-duplicate of a training photo."""
+    splits = {s: BundledImages(s) for s in ("train", "validation", "test")}
+    assert splits["validation"].names == EVAL_IMAGES == VALIDATION_IMAGES
+    assert splits["test"].names == TEST_IMAGES and len(TEST_IMAGES) == 6
+    names = [set(src.names) for src in splits.values()]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert names[i].isdisjoint(names[j])
+    # issue 19's full-image evaluation (benchmarks/heldout_photos.py) reads the same two lists
+    assert set(VALIDATION_IMAGES) == {"coffee", "flower"}
+    assert set(TEST_IMAGES) == {"camera", "coins", "moon", "hubble_deep_field", "brick", "gravel"}
+    train_thumbs = [_thumb(x) for x in splits["train"]]
+    for i, name in enumerate(TEST_IMAGES):
+        x = splits["test"][i]
+        assert x.dtype == np.uint8 and x.shape[2] == 3 and min(x.shape[:2]) >= 256, name
+        assert min(np.abs(_thumb(x) - t).mean() for t in train_thumbs) > 30, name
 
 
 # ----------------------------------------------------------------------------- images

@@ -6,7 +6,13 @@ numpy / grain / PIL only; nothing here imports the networks or the training code
 importing the package does not register a TFDS builder as a side effect.
 """
 
-from cdd_jax.data.bundled import EVAL_IMAGES, TRAIN_IMAGES, BundledImages
+from cdd_jax.data.bundled import (
+    EVAL_IMAGES,
+    TEST_IMAGES,
+    TRAIN_IMAGES,
+    VALIDATION_IMAGES,
+    BundledImages,
+)
 from cdd_jax.data.config import data_config, validate_data_config
 from cdd_jax.data.images import decode_image, pad_to_min_size, to_rgb_uint8
 from cdd_jax.data.paired import PairedCrop, PairedFolderSource, TfdsPairedSource
@@ -22,7 +28,9 @@ from cdd_jax.data.sources import ImageFolderSource, TfdsImageSource
 
 __all__ = [
     "EVAL_IMAGES",
+    "TEST_IMAGES",
     "TRAIN_IMAGES",
+    "VALIDATION_IMAGES",
     "BundledImages",
     "ImageFolderSource",
     "PairedCrop",

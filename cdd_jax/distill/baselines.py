@@ -1,4 +1,4 @@
-"""Baseline distillation objectives of the paper's Table 1: CM-II and GD-II.
+"""Baseline distillation objectives of the paper's Table 1: CM and GD.
 
 Both distil a fine-tuned conditional teacher (trained with `diffusion_loss`) into a few-step
 student initialised from it; the teacher network is called with the student's `apply_fn`
@@ -18,7 +18,7 @@ from cdd_jax.diffusion import Schedule, add_noise, bcast, ddim_step, denoise
 from cdd_jax.distill.codi import ApplyFn, as_model_fn, distance, sample_codi_times, unpack_batch
 from cdd_jax.distill.config import GD_WEIGHTINGS
 
-# --------------------------------------------------------------------------- CM-II
+# --------------------------------------------------------------------------- CM
 
 
 def cm_scalings(
@@ -28,6 +28,10 @@ def cm_scalings(
 
     c_skip = sd^2 / ((t' - e)^2 + sd^2),  c_out = (t' - e) / sqrt(t'^2 + sd^2),  e = t'(t_min),
     so c_skip(t_min) = 1, c_out(t_min) = 0 and c_out -> 1 for large t' (x_hat is in data units).
+    c_out follows the latent consistency models' code: without the sigma_data factor of Song et
+    al.'s c_out = sd (t' - e) / sqrt(sd^2 + t'^2) (../shared/specs/codi.md section 6), whose
+    network output is in units of sd; x_hat here is already in data units, and that factor
+    would leave f(z, t) = sd x_hat (not x_hat) at large t'.
     """
     tp = time_scale * jnp.asarray(t, jnp.float32)
     delta = tp - time_scale * t_min
@@ -103,7 +107,7 @@ def cm_loss(
     return loss, {"loss": loss, "t_mean": t.mean()}
 
 
-# --------------------------------------------------------------------------- GD-II
+# --------------------------------------------------------------------------- GD
 
 
 def gd_target(

@@ -25,7 +25,7 @@ from cdd_jax.distill.direct_cm import direct_cm_loss
 @dataclasses.dataclass(frozen=True)
 class Objective:
     uses_target: bool  # reads the target EMA theta_minus
-    uses_finetuned: bool  # reads a frozen fine-tuned conditional model (CM-II / GD-II teacher)
+    uses_finetuned: bool  # reads a frozen fine-tuned conditional model (CM / GD teacher)
     freeze_backbone: bool  # only the control encoder trains (PE-CoDi)
 
 

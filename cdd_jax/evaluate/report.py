@@ -47,8 +47,10 @@ def _fmt(metric: str, value: float, stderr: float | None) -> str:
     return text
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
-    """One table row per (method, sampler, steps) in first-seen order; one column per metric."""
+def markdown_table(rows: Sequence[dict], spread: str = "stderr") -> str:
+    """One table row per (method, sampler, steps) in first-seen order; one column per metric;
+    each cell "value ± row[spread]" where that is finite (the standard error over images, or
+    e.g. "ci95", an interval over seeds)."""
     rows = _check_rows(rows)
     groups: dict[tuple, dict] = {}
     metrics: list[str] = []
@@ -59,7 +61,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
         )
         if row["metric"] in group["cells"]:
             raise ValueError(f"duplicate result for {ident} metric {row['metric']!r}")
-        group["cells"][row["metric"]] = _fmt(row["metric"], row["value"], row.get("stderr"))
+        group["cells"][row["metric"]] = _fmt(row["metric"], row["value"], row.get(spread))
         if row["metric"] not in metrics:
             metrics.append(row["metric"])
     header = ["method", "sampler", "NFE"] + [_HEADERS.get(m, m) for m in metrics]
@@ -80,11 +82,14 @@ def write_results(
     *,
     stem: str = "results",
     notes: str | None = None,
+    spread: str = "stderr",
+    spread_text: str = "means over images (± standard error of the mean)",
 ) -> tuple[str, str]:
     """Writes `<out_dir>/<stem>.json` (the rows) and `<out_dir>/<stem>.md`; returns both paths.
 
-    The markdown has the title, the table (value ± standard error of the mean over images where
-    known) and `notes` (e.g. the command, the timing device, what NFE counts).
+    The markdown has the title, the table (value ± row[spread] where known; `spread_text` says
+    what the values and the ± are) and `notes` (e.g. the command, the timing device, what NFE
+    counts).
     """
     rows = _check_rows(rows)
     os.makedirs(out_dir, exist_ok=True)
@@ -92,10 +97,10 @@ def write_results(
     md_path = os.path.join(out_dir, f"{stem}.md")
     with open(json_path, "w") as f:
         json.dump([dict(r) for r in rows], f, indent=1)
-    text = f"# {title}\n\n{markdown_table(rows)}\n"
+    text = f"# {title}\n\n{markdown_table(rows, spread)}\n"
     text += (
-        "\nNFE = network evaluations per image; values are means over images (± standard error "
-        "of the mean); s / image = wall-clock sampling time per image, compilation excluded.\n"
+        f"\nNFE = network evaluations per image; values are {spread_text}; s / image = "
+        "wall-clock sampling time per image, compilation excluded.\n"
     )
     if notes:
         text += f"\n{notes.strip()}\n"

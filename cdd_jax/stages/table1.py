@@ -3,38 +3,47 @@ evaluated and reported.
 
     python -m cdd_jax.main --config=configs/table1.py --workdir=DIR
 
-Rows (all from the same unconditional teacher, each with the same budget: `train.num_steps`
-optimiser steps of `data.batch_size` crops):
+Rows (all from the same unconditional teacher, each with the same budget per seed:
+`train.num_steps` optimiser steps of `data.batch_size` crops), each trained and evaluated once per
+seed of `table1.seeds`:
 
     bicubic    the condition itself (no network)
     finetune   the conditional network trained with the plain diffusion loss (the LDM-SR /
                ControlNet analogue), sampled with DDIM and DPM-Solver++(2M) at several step counts
-    cm         consistency distillation of the fine-tuned network (CM-II), multistep consistency
-               sampling
-    gd         guided / progressive distillation of the fine-tuned network (GD-II): `gd_rounds`
-               halving rounds down to `gd_student_steps` DDIM steps; the student of each round is
-               the next round's teacher (and starts from it); the budget is split evenly over
-               the rounds
+    cm         consistency distillation of the fine-tuned network (the paper's "conditional
+               finetuning-first" CM), multistep consistency sampling
+    gd         guided / progressive distillation, `gd_rounds` halving rounds down to
+               `gd_student_steps` DDIM steps, the student of each round the next round's teacher
+               (and starting from it); `gd_order` "distillation_first" (the paper's): the rounds
+               distil the unconditional teacher U-Net, then the last student is made conditional
+               (the conditional network built from it, diffusion loss); "finetune_first": the
+               rounds distil the fine-tuned network. The budget is split evenly over these runs.
     pe_codi    CoDi with the backbone frozen (parameter-efficient)
     codi       CoDi
-    direct_cm  Direct CM of the fine-tuned network: CM-II's consistency function regressed onto
+    direct_cm  Direct CM of the fine-tuned network: CM's consistency function regressed onto
                the fine-tuned network's ODE solve (`distill.direct_cm.num_teacher_steps` DDIM
                steps) from t to t_min; starts from the fine-tuned network; multistep consistency
                sampling
 
-Layout of DIR (every row resumable):
+Layout of DIR (every row of every seed resumable):
 
-    teacher/                       pretrained teacher (only when `teacher.checkpoint` is empty)
-    <row>/checkpoints/ ...         training run of the row (gd: gd/round<r>_N<teacher steps>/)
-    <row>/eval.json                the row's result rows (written last: marks the row finished)
-    <row>/eval_predictions.npz     its predictions on the first grid crops (for the image grid)
-    table1.json, table1.md         all rows, and the markdown report with the paper's claims
-    table1_quality_vs_nfe.png      LPIPS and PSNR against network evaluations
-    table1_grid.png                every method side by side on the same held-out crops
+    teacher/                         pretrained teacher (only when `teacher.checkpoint` is empty)
+    seed<s>/<row>/checkpoints/ ...   training run of the row for seed s (gd: one folder per run
+                                     of `gd_plan`, e.g. seed0/gd/uncond_round1_N16/, conditional/)
+    seed<s>/<row>/eval.json          the row's result rows (written last: marks it finished)
+    seed<s>/<row>/eval_predictions.npz  its predictions on the first grid crops
+    table1.json, table1.md           the rows aggregated over seeds (means, 95% t-intervals, the
+                                     per-seed values) and the report with the paper's claims
+    table1_per_seed.json             every seed's rows
+    table1_quality_vs_nfe.png        LPIPS and PSNR (seed means) against network evaluations
+    table1_grid.png                  every method side by side on the same held-out crops (the
+                                     first seed's models)
 
-Running the command again skips rows whose `eval.json` exists (after checking that the settings
-that determine the row's result did not change), reuses finished training runs, and resumes
-partially trained ones from their newest checkpoint.
+Running the command again skips a seed's rows whose `eval.json` exists (after checking that the
+settings that determine the row's result did not change), reuses finished training runs, and
+resumes partially trained ones from their newest checkpoint; adding seeds to `table1.seeds` trains
+only the new ones. Workdirs of the one-seed layout (DIR/<row>/, before `table1.seeds`) are refused
+with a message saying how to continue them.
 """
 
 from __future__ import annotations
@@ -52,9 +61,11 @@ import numpy as np
 from cdd_jax.diffusion import get_schedule
 from cdd_jax.evaluate.harness import evaluate_methods
 from cdd_jax.evaluate.metrics import MetricSuite
-from cdd_jax.evaluate.table1 import ROW_FIELDS, gd_plan, row_methods, write_report
+from cdd_jax.evaluate.seeds import aggregate_seeds
+from cdd_jax.evaluate.table1 import ROW_FIELDS, ROWS, gd_plan, row_methods, write_report
 from cdd_jax.parallel.distributed import is_main_process
 from cdd_jax.stages.distill import conditional_model, distill
+from cdd_jax.stages.gd import distill_unconditional
 from cdd_jax.stages.sr import make_sr_eval_set
 from cdd_jax.stages.teacher import load_teacher
 from cdd_jax.train.checkpoint import load_params
@@ -146,23 +157,48 @@ def train_row(
     return params
 
 
+def train_unconditional_round(
+    cfg: ml_collections.ConfigDict, run_dir: str, teacher: Callable[[], PyTree]
+) -> PyTree:
+    """EMA params (U-Net) of one unconditional GD round distilling `teacher()`, reusing a
+    finished run (then `teacher` is not called)."""
+    done = finished_params(run_dir, cfg.train.num_steps)
+    if done is not None:
+        logging.info("reusing the finished run in %s", run_dir)
+        return done
+    logging.info("training unconditional gd (N=%d) in %s (%d steps)",
+                 cfg.distill.num_grid_steps, run_dir, cfg.train.num_steps)
+    return distill_unconditional(cfg, run_dir, teacher())
+
+
 def train_gd(
     config: ml_collections.ConfigDict,
     row_dir: str,
     *,
     teacher: Callable[[], PyTree],
     eval_set: dict,
-    finetuned: PyTree,
+    finetuned: Callable[[], PyTree],
 ) -> PyTree:
-    """GD-II: each round's student starts from, and distils, the previous round's model."""
-    model = finetuned
-    for r, (n_teacher, steps) in enumerate(gd_plan(config)):
-        cfg = row_config(config, "gd", num_grid_steps=n_teacher, num_steps=steps)
-        run_dir = os.path.join(row_dir, f"round{r + 1}_N{n_teacher}")
-        model = train_row(
-            cfg, run_dir, teacher=teacher, eval_set=eval_set, finetuned=model, initial=model
-        )
-    return model
+    """GD: the runs of `gd_plan` in order. Each round's student starts from, and distils, the
+    previous run's model; round 1 distils the unconditional teacher (distillation-first, the
+    paper's order) or the fine-tuned model (finetune-first). Distillation-first ends with the
+    last student made conditional: the conditional network built from it (as from a teacher),
+    trained with the diffusion loss. `teacher`, `finetuned`: called only if needed."""
+    model: Callable[[], PyTree] | None = None
+    for phase in gd_plan(config):
+        cfg = row_config(config, phase.objective, num_grid_steps=phase.teacher_steps,
+                         num_steps=phase.num_steps)
+        run_dir = os.path.join(row_dir, phase.name)
+        if not phase.conditional:
+            params = train_unconditional_round(cfg, run_dir, model or teacher)
+        elif phase.objective == "finetune":  # make the unconditional few-step student conditional
+            params = train_row(cfg, run_dir, teacher=model, eval_set=eval_set)
+        else:
+            start = (model or finetuned)()
+            params = train_row(cfg, run_dir, teacher=teacher, eval_set=eval_set,
+                               finetuned=start, initial=start)
+        model = (lambda p=params: p)
+    return model()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,36 +303,58 @@ def _trained_params(config, row: str, row_dir: str, teacher, finetuned, eval_set
     if row == "finetune":
         return finetuned()
     if row == "gd":
-        return train_gd(config, row_dir, teacher=teacher, eval_set=eval_set,
-                        finetuned=finetuned())
+        return train_gd(config, row_dir, teacher=teacher, eval_set=eval_set, finetuned=finetuned)
     if row in ("cm", "direct_cm"):  # the student starts from its teacher, the fine-tuned model
         return train_row(row_config(config, row), row_dir, teacher=teacher, eval_set=eval_set,
                          finetuned=finetuned(), initial=finetuned())
     return train_row(row_config(config, row), row_dir, teacher=teacher, eval_set=eval_set)
 
 
-def run_table1(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-    """Trains (or reuses) and evaluates every row of `config.table1.rows`; writes the report."""
-    rows_wanted = tuple(config.table1.rows)
-    eval_set = make_sr_eval_set(config)
-    _, apply_fn = conditional_model(config)
-    schedule = get_schedule(config.diffusion.schedule)
-    suite = MetricSuite(config.evaluate.metrics)
-    n_keep = config.evaluate.num_grid_images
+def seed_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+    """A copy of `config` whose rows train and evaluate with `seed`."""
+    cfg = config.copy_and_resolve_references()
+    cfg.seed = int(seed)
+    return cfg
 
-    teacher = _lazy(lambda: load_teacher(config, workdir))
+
+def check_layout(workdir: str) -> None:
+    """ValueError if `workdir` holds rows in the one-seed layout (DIR/<row>/, before
+    `table1.seeds`), which this version would neither read nor overwrite."""
+    old = [r for r in ROWS if os.path.isdir(os.path.join(workdir, r))]
+    if old:
+        raise ValueError(
+            f"{workdir} holds Table 1 rows in the one-seed layout of before table1.seeds "
+            f"({', '.join(old)}/). Their results stay readable as they are (<row>/eval.json, "
+            "table1.json, table1.md). To continue them as one seed of the new layout, move each "
+            "<row>/ folder into seed<S>/ (S = the `seed` they ran with; the gd row, whose order "
+            "setting is new, will refuse to be reused and must be deleted), or use a new workdir."
+        )
+
+
+def run_seed(
+    config: ml_collections.ConfigDict,
+    seed_dir: str,
+    *,
+    teacher: Callable[[], PyTree],
+    eval_set: dict,
+    apply_fn,
+    schedule,
+    suite: MetricSuite,
+) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Every row of `config.table1.rows` for the seed `config.seed`, trained or reused, evaluated
+    or read back, in `seed_dir`; returns (result rows, predictions)."""
     finetuned = _lazy(
         lambda: train_row(
             row_config(config, "finetune"),
-            os.path.join(workdir, "finetune"),
+            os.path.join(seed_dir, "finetune"),
             teacher=teacher,
             eval_set=eval_set,
         )
     )
     all_rows: list[dict] = []
     predictions: dict[str, np.ndarray] = {}
-    for row in rows_wanted:
-        row_dir = os.path.join(workdir, row)
+    for row in config.table1.rows:
+        row_dir = os.path.join(seed_dir, row)
         settings = result_settings(config, row)
         finished = load_finished_row(row_dir, settings, row)
         if finished is not None:
@@ -311,7 +369,7 @@ def run_table1(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
                 suite,
                 batch_size=config.evaluate.batch_size,
                 rng_seed=config.seed,
-                keep_predictions=n_keep,
+                keep_predictions=config.evaluate.num_grid_images,
             )
             rows, preds = list(results), dict(results.predictions)
             if is_main_process():
@@ -320,6 +378,30 @@ def run_table1(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
             logging.info("row %s finished; peak host memory so far %.2f GiB", row, peak_gb)
         all_rows.extend(rows)
         predictions.update(preds)
-    paths = write_report(config, workdir, all_rows, predictions, eval_set)
+    return all_rows, predictions
+
+
+def run_table1(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    """Trains (or reuses) and evaluates every row of `config.table1.rows` for every seed of
+    `config.table1.seeds` (seed by seed); writes the report; returns the rows aggregated over
+    the seeds (`cdd_jax.evaluate.seeds.aggregate_seeds`)."""
+    check_layout(workdir)
+    eval_set = make_sr_eval_set(config)
+    _, apply_fn = conditional_model(config)
+    schedule = get_schedule(config.diffusion.schedule)
+    suite = MetricSuite(config.evaluate.metrics)
+    teacher = _lazy(lambda: load_teacher(config, workdir))
+    per_seed: dict[int, list[dict]] = {}
+    predictions: dict[str, np.ndarray] = {}
+    for seed in config.table1.seeds:
+        rows, preds = run_seed(
+            seed_config(config, seed), os.path.join(workdir, f"seed{seed}"), teacher=teacher,
+            eval_set=eval_set, apply_fn=apply_fn, schedule=schedule, suite=suite,
+        )
+        per_seed[int(seed)] = rows
+        predictions = predictions or preds  # the grid shows the first seed's models
+        logging.info("table 1: seed %d done", seed)
+    rows = aggregate_seeds(per_seed)
+    paths = write_report(config, workdir, rows, predictions, eval_set, per_seed)
     logging.info("table 1 written: %s", paths)
-    return all_rows
+    return rows

@@ -1,7 +1,7 @@
 """The unconditional teacher of a distillation job: the `teacher` config section and its loading.
 
 The teacher is the pretrained *unconditional* U-Net that CoDi starts from (the fine-tuned
-conditional model that CM-II / GD-II distil is called `finetuned` everywhere). It comes from
+conditional model that CM / GD distil is called `finetuned` everywhere). It comes from
 `teacher.checkpoint`: a diffusers model or pipeline folder (or hub id) holding a `UNet2DModel`,
 read by `cdd_jax.convert` (the shipped teacher is one), or an Orbax params folder / pretraining
 workdir written by cdd_jax; or it is pretrained in the job's workdir.

@@ -83,7 +83,8 @@ def list_inputs(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
 
 def _upscale_one(path: str, output: str, upscaler, seen: dict, *, steps, seed, max_pixels,
                  keep_format, desc) -> tuple[str, int, int]:
-    from cdd_jax.inference.images import SUFFIX, encode, output_format, read_image, write_atomic
+    from cdd_jax.fileio import write_atomic
+    from cdd_jax.inference.images import SUFFIX, encode, output_format, read_image
 
     array, fmt = read_image(path, max_pixels)
     out_fmt = output_format(fmt, array, keep_format)  # The output has the input's layout.

@@ -24,6 +24,7 @@ from cdd_jax.distill.diffusion_loss import diffusion_loss
 from cdd_jax.distill.objectives import compute_loss
 from cdd_jax.evaluate import seeds as seeds_stats
 from cdd_jax.evaluate import table1 as table1_eval
+from cdd_jax.evaluate import table1_report
 from cdd_jax.models.apply import conditional_apply_fn, unet_apply_fn
 from cdd_jax.models.backbone import backbone_from_config, model_config, timestep_scale
 from cdd_jax.models.control import ConditionalUNet, control_config, init_from_teacher
@@ -276,7 +277,7 @@ def test_check_claims_resolves_only_what_the_intervals_exclude():
         ("direct_cm", "consistency", 4): [0.280, 0.285, 0.290],
         ("codi", "ddim", 4): [0.260, 0.262, 0.258],
     })
-    lines = table1_eval.check_claims(rows, cfg)
+    lines = table1_report.check_claims(rows, cfg)
     # CoDi-4 / DDIM-200 per seed: +4.0%, +4.0%, +4.0%: within 5%, and the paper's +4.1% quoted
     assert "+4.0% [" in lines[0] and ": within +5%" in lines[0], lines[0]
     assert "paper: CoDi-4 0.2656 vs LDM-SR-200 0.2551, +4.1%" in lines[0]
@@ -298,16 +299,16 @@ def test_check_claims_resolves_only_what_the_intervals_exclude():
     # A gap whose interval straddles the tolerance is not resolved; one seed resolves nothing.
     rows = table({("finetune", "ddim", 200): [0.25, 0.25, 0.25],
                   ("codi", "ddim", 4): [0.255, 0.27, 0.262]})
-    assert "not resolved at this budget (the interval includes +5%)" in table1_eval.check_claims(
+    assert "not resolved at this budget (the interval includes +5%)" in table1_report.check_claims(
         rows, cfg)[0]
     rows = table({("finetune", "ddim", 200): [0.20, 0.21, 0.20],
                   ("codi", "ddim", 4): [0.30, 0.31, 0.30]})
-    assert "NOT within +5%" in table1_eval.check_claims(rows, cfg)[0]
+    assert "NOT within +5%" in table1_report.check_claims(rows, cfg)[0]
     rows = table({("finetune", "ddim", 200): [0.25], ("codi", "ddim", 4): [0.40],
                   ("cm", "consistency", 4): [0.2]})
-    lines = table1_eval.check_claims(rows, cfg)
+    lines = table1_report.check_claims(rows, cfg)
     assert all("one seed: no interval" in ln for ln in lines), lines
-    assert "not checked" in table1_eval.check_claims(rows[:1], cfg)[0]
+    assert "not checked" in table1_report.check_claims(rows[:1], cfg)[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,8 +9,6 @@ an interrupted run never leaves a half-written image under the output name.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 
 import cv2
 import numpy as np
@@ -144,27 +142,3 @@ def encode(array: np.ndarray, fmt: str) -> bytes:
     options = {"quality": 95} if fmt in ("JPEG", "WEBP") else {}
     Image.fromarray(np.ascontiguousarray(array)).save(out, format=fmt, **options)
     return out.getvalue()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Writes `data` to a temporary file beside `path`, then renames it onto `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given.
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -48,6 +48,7 @@ with a message saying how to continue them.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -62,7 +63,9 @@ from cdd_jax.diffusion import get_schedule
 from cdd_jax.evaluate.harness import evaluate_methods
 from cdd_jax.evaluate.metrics import MetricSuite
 from cdd_jax.evaluate.seeds import aggregate_seeds
-from cdd_jax.evaluate.table1 import ROW_FIELDS, ROWS, gd_plan, row_methods, write_report
+from cdd_jax.evaluate.table1 import ROW_FIELDS, ROWS, gd_plan, row_methods
+from cdd_jax.evaluate.table1_report import write_report
+from cdd_jax.fileio import write_atomic
 from cdd_jax.parallel.distributed import is_main_process
 from cdd_jax.stages.distill import conditional_model, distill
 from cdd_jax.stages.gd import distill_unconditional
@@ -255,28 +258,15 @@ def load_finished_row(
     return saved["rows"], {k.replace("|", "/"): v for k, v in predictions.items()}
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_row(
     row_dir: str, rows: list[dict], predictions: Mapping[str, np.ndarray], settings: dict
 ) -> None:
     """Predictions first, then eval.json (its presence marks the row finished)."""
-    os.makedirs(row_dir, exist_ok=True)
-
-    def write_npz(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **{k.replace("/", "|"): np.asarray(v) for k, v in predictions.items()})
-
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump({"rows": rows, "settings": settings}, f, indent=1)
-
-    _atomic_write(os.path.join(row_dir, "eval_predictions.npz"), write_npz)
-    _atomic_write(os.path.join(row_dir, "eval.json"), write_json)
+    npz = io.BytesIO()
+    np.savez(npz, **{k.replace("/", "|"): np.asarray(v) for k, v in predictions.items()})
+    write_atomic(os.path.join(row_dir, "eval_predictions.npz"), npz.getvalue())
+    text = json.dumps({"rows": rows, "settings": settings}, indent=1)
+    write_atomic(os.path.join(row_dir, "eval.json"), text.encode())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,18 @@ def _all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def _computed_once(flag: jax.Array) -> jax.Array:
+    """`flag` (a boolean scalar), unchanged, as the output of one kernel that its readers share.
+
+    XLA:CPU's instruction fusion copies cheap producers (an AND, a compare) into every consumer
+    kernel and drops `jax.lax.optimization_barrier`; it does not copy ops it counts as expensive,
+    a float square root among them. `_all_finite` is one AND per gradient leaf and ~1000 per-leaf
+    selects read it, so without this the step's program grew with the square of the leaf count
+    (minutes and GBs of compile for the default job; BUILD_NOTES.md section 12, acceptance 7).
+    sqrt is exact on 0 and 1."""
+    return jnp.sqrt(flag.astype(jnp.float32)) > 0.5
+
+
 def _select(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
@@ -57,7 +69,7 @@ def make_train_step(
 
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
         grads = merge(grads, jax.tree.map(jnp.zeros_like, frozen))
-        ok = jnp.isfinite(loss) & _all_finite(grads)
+        ok = _computed_once(jnp.isfinite(loss) & _all_finite(grads))
         grads = jax.tree.map(lambda g: jnp.where(ok, g, 0.0), grads)  # keep the update finite
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -27,6 +27,11 @@ Contenders run in separate worker processes and are timed in alternation (A/B/A/
 The cdd_jax worker also times the EMA update as a separate jitted call, i.e. what the step
 would cost if the EMA were not fused into it.
 
+The "sd" kind (`benchmarks/sd_train_step.py` runs it) is the CoDi step of the latent,
+text-conditioned job (`configs/sr.py:sd`) on an SD-1.5-structured U-Net, its peer diffusers'
+UNet2DConditionModel + ControlNetModel.from_unet; variants "sd_small" (CPU) and "sd15" (SD 1.5
+size, skipped with a message where no GPU is present).
+
     python benchmarks/train_step.py [--variants=default,large] [--kinds=pretrain,codi]
         [--rounds=6] [--per_round=2] [--no_peer] [--dtype=float32|bfloat16] [--batch_size=N]
         [--crop_size=PX]
@@ -262,6 +267,7 @@ def markdown(payload: dict) -> str:
     ]
     for g in payload["groups"]:
         lines += group_markdown(g)
+    lines += [f"Not run: {v}: {reason}." for v, reason in payload.get("skipped", {}).items()]
     return "\n".join(lines)
 
 
@@ -289,8 +295,10 @@ def group_markdown(g: dict) -> list[str]:
     extra = [
         f"{g['contenders']['cdd_jax']['gflop_per_step']:.1f} GFLOP/step "
         f"({g.get('flops_source', 'XLA cost analysis')})",
-        f"params {info['num_params']:,}",
-        f"batch {info['batch_size']} at {info['crop_size']} px",
+        f"params {info['num_params']:,}" + (f" ({info['num_frozen_params']:,} frozen)"
+                                            if info.get("num_frozen_params") else ""),
+        f"batch {info['batch_size']} at {info['crop_size']} px"
+        + (f", trained on latents {info['sample_shape']} (NHWC)" if g["kind"] == "sd" else ""),
         f"rooflines ({roof_txt})",
         f"unfused EMA update {1e3 * g['unfused_ema_update_s']:.1f} ms",
     ]
@@ -314,10 +322,12 @@ def group_markdown(g: dict) -> list[str]:
     return [*lines, "", "; ".join(extra) + ".", ""]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None, **defaults) -> None:
+    """The command line; `defaults` replace the arguments' defaults (`sd_train_step.py`)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", default="default,large", help=f"From {contenders.VARIANTS}.")
-    p.add_argument("--kinds", default="pretrain,codi")
+    p.add_argument("--variants", default="default,large",
+                   help=f"From {contenders.VARIANTS} (kind sd: {contenders.SD_VARIANTS}).")
+    p.add_argument("--kinds", default="pretrain,codi", help=f"From {contenders.KINDS}.")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--per_round", type=int, default=2)
     p.add_argument(
@@ -340,7 +350,8 @@ def main() -> None:
                    help="Override the training crop size in px (0: the preset's, 32).")
     p.add_argument("--out_dir", default=common.RESULTS_DIR)
     p.add_argument("--name", default="train_step", help="Basename of the result files.")
-    args = p.parse_args()
+    p.set_defaults(**defaults)
+    args = p.parse_args(argv)
 
     # Several worker processes may share one GPU: JAX must not grab 75% of it in each.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -348,8 +359,16 @@ def main() -> None:
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; {machine['uptime']}", flush=True)
     rooflines = []
     groups = []
+    skipped = {}
+    variants = []
+    for v in [v for v in args.variants.split(",") if v]:
+        if reason := contenders.gpu_only_reason(v, machine["accelerator"]):
+            print(f"== {v}: skipped: {reason}", flush=True)
+            skipped[v] = reason
+        else:
+            variants.append(v)
     try:
-        for t in [t for t in args.threads.split(",") if t]:
+        for t in [t for t in args.threads.split(",") if t and variants]:
             if t == "all":
                 rooflines.append(
                     common.Worker("roofline", contenders.MatmulRoofline, dtype=args.dtype)
@@ -357,7 +376,7 @@ def main() -> None:
             else:
                 env = _env_1t(os.environ.get("XLA_FLAGS", ""))
                 rooflines.append(common.Worker("roofline@1t", contenders.MatmulRoofline, env=env))
-        for variant in [v for v in args.variants.split(",") if v]:
+        for variant in variants:
             for kind in [k for k in args.kinds.split(",") if k]:
                 groups.append(run_group(kind, variant, args, rooflines))
     finally:
@@ -368,8 +387,9 @@ def main() -> None:
         **common.payload_header("train_step", machine, end),
         "args": vars(args),
         "groups": groups,
+        "skipped": skipped,
     }
-    codi = [g for g in groups if g["kind"] == "codi" and g["peer_ratios"]]
+    codi = [g for g in groups if g["kind"] in ("codi", "sd") and g["peer_ratios"]]
     if codi:
         payload["target"] = {
             "codi_speed_over_peer": {g["variant"]: g["peer_ratios"] for g in codi},

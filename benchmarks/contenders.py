@@ -84,15 +84,17 @@ SD_TOKENS = 77  # CLIP's prompt length: the stored prompt embedding is [1, 77, D
 # The U-Nets of the "sd" variants (diffusers UNet2DConditionModel configs). "sd15": Stable Diffusion
 # 1.5's (320-640-1280-1280, 2 layers per block, 8 heads, 768-wide text; 860 M parameters).
 # "sd_small": the same block structure (cross-attention down blocks then a plain one, the mirror
-# image going up, the cross-attention mid block, GEGLU transformer blocks, linear-free projections)
-# at CPU widths and one level less.
+# image going up, the cross-attention mid block, GEGLU transformer blocks, conv projections) at
+# CPU widths, 2 levels and 1 layer per block (1.56 M parameters with the adapter, 333 leaves).
+# Even so, XLA:CPU's compile of its CoDi train step passed 5 GB of memory on this 2-core machine,
+# a 3-level one's too (docs/PERFORMANCE.md): the per-leaf parameter updates, not the network.
 SD_UNETS = {
     "sd15": dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
                  cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
-    "sd_small": dict(block_out_channels=[32, 64, 64], layers_per_block=1, cross_attention_dim=64,
+    "sd_small": dict(block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=64,
                      attention_head_dim=4, norm_num_groups=8,
-                     down_block_types=["CrossAttnDownBlock2D"] * 2 + ["DownBlock2D"],
-                     up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 2),
+                     down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"]),
 }
 # A narrow stand-in for SD's VAE with its 8x downsampling (4 levels) and 4 latent channels: it
 # only encodes the batch once, before the timed steps, on both sides.
@@ -100,7 +102,7 @@ SD_VAE = dict(block_out_channels=[8, 8, 8, 8], down_block_types=["DownEncoderBlo
               up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=1, norm_num_groups=4,
               latent_channels=4)
 # (image px, batch) of each variant: latents 4x32x32 (CPU) and SD 1.5's 4x64x64 at 512 px.
-SD_SHAPES = {"sd_small": (256, 8), "sd15": (512, 4)}
+SD_SHAPES = {"sd_small": (256, 4), "sd15": (512, 4)}
 
 
 def sd_unet_config(variant: str) -> dict:
@@ -161,9 +163,10 @@ def sd_bench_config(variant: str = "sd_small", batch_size: int | None = None,
                     **model_overrides):
     """The SD recipe (`configs/sr.py:sd`: epsilon, scaled_linear, ControlNet's condition embedder,
     lambda 1, no anchor) on the `sd_teacher` of `variant`, shaped for one device: float32 unless
-    `dtype` is overridden, no remat (the peer does not checkpoint either), data parallel only
-    (the recipe's FSDP over 8 needs 8 devices; on a CPU, one XLA device per core as the CPU
-    presets have), the bundled photos as data; `SD_SHAPES` for crop and batch. The config is
+    `dtype` is overridden, no remat (the peer does not checkpoint either), one data-parallel
+    device (the recipe's FSDP over 8 needs 8; on a CPU the recipe's one XLA device: splitting it
+    per core makes the compile larger still), the bundled photos as data; `SD_SHAPES` for crop
+    and batch. The config is
     resolved against the folder (`resolve_teacher`: latent factor 8, 77 prompt tokens, ...)."""
     from cdd_jax.config.presets import sd_config
     from cdd_jax.stages.teacher import resolve_teacher
@@ -178,7 +181,7 @@ def sd_bench_config(variant: str = "sd_small", batch_size: int | None = None,
     config.degradation.degrade_size = 0  # degrade the crop itself (the batch is made once)
     config.model.update(dtype="float32", remat=False,
                         prompt_embed_dim=SD_UNETS[variant]["cross_attention_dim"])
-    config.mesh.update(sizes=(-1, 1, 1), num_cpu_devices=-1)
+    config.mesh.sizes = (-1, 1, 1)
     for k, v in model_overrides.items():
         config.model[k] = v
     resolve_teacher(config)
@@ -307,6 +310,69 @@ def build_contender(kind: str, config, *, donate: bool = True) -> Contender:
                      count_params(step.state.params), first, count_params(frozen))
 
 
+@dataclasses.dataclass
+class GradContender:
+    """The gradient of a job's loss alone, jitted on one device: the online and target passes and
+    one backward of the same network and batch as the train step, without the parameter updates
+    (optimiser, clipping, EMA, non-finite guard). A measurement of the network work where the
+    whole step cannot be compiled (`TrainStepBench(update=False)`)."""
+
+    fn: Any
+    params: Any
+    batch: Any
+    num_params: int
+    num_frozen_params: int
+    trace_s: float
+    compile_s: float
+    flops: float
+    warnings: tuple = ()
+
+    def timed_steps(self, n: int) -> tuple[list[float], list[float]]:
+        import jax
+
+        key = jax.random.key(0)
+        return time_calls(lambda: jax.block_until_ready(
+            self.fn(self.params, self.params, self.batch, key)), n)
+
+    def info(self) -> dict[str, Any]:
+        return {"trace_s": self.trace_s, "compile_s": self.compile_s,
+                "flops_per_step": self.flops}
+
+
+def build_grad_contender(kind: str, config) -> GradContender:
+    """`GradContender` of the job of `kind` from its initial parameters (the teacher's; the
+    target network holds the same values, as at the first step)."""
+    import time
+
+    import jax
+
+    from cdd_jax.train.builder import compiled_flops
+    from cdd_jax.train.loop import prepared_batch
+    from cdd_jax.train.state import count_params, merge, param_labels, split_trainable
+
+    batch_np = real_batch(config, kind)
+    job = contender_job(kind, config, batch_np)
+    params = jax.device_put(job.initial_params)
+    batch = prepared_batch(job, {k: jax.device_put(v) for k, v in batch_np.items()})
+    labels = param_labels(params, freeze_backbone=job.freeze_backbone)
+
+    def grads(p, target, b, rng):  # as the train step differentiates: trainable leaves only
+        trainable, frozen = split_trainable(p, labels)
+        return jax.grad(lambda tr: job.loss_fn(merge(tr, frozen), target, None, b, rng)[0])(
+            trainable)
+
+    fn = jax.jit(grads)
+    t0 = time.perf_counter()
+    lowered = fn.lower(params, params, batch, jax.random.key(0))
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    frozen = count_params(params.get("text", {}))
+    flops = compiled_flops(compiled)
+    return GradContender(compiled, params, batch, count_params(params), frozen, t1 - t0, t2 - t1,
+                         float("nan") if flops is None else flops)
+
+
 class TrainStepBench(Bench):
     """A worker's cdd_jax train step: kind "pretrain" | "codi" (variant from `VARIANTS`) or
     "sd" (from `SD_VARIANTS`)."""
@@ -319,8 +385,10 @@ class TrainStepBench(Bench):
         donate: bool = True,
         batch_size: int | None = None,
         crop_size: int | None = None,
+        update: bool = True,
         **model_overrides,
     ):
+        """`update=False`: the loss's gradient alone (`GradContender`), not the train step."""
         config = make_config(kind, variant, batch_size, crop_size, **model_overrides)
         # As training does: split the CPU into devices (the preset's mesh.num_cpu_devices) before
         # JAX starts; an explicit JAX_NUM_CPU_DEVICES in the worker's environment wins.
@@ -329,7 +397,9 @@ class TrainStepBench(Bench):
         configure_cpu_devices(config.mesh.num_cpu_devices, config.data.batch_size)
         import jax
 
-        self.contender = build_contender(kind, config, donate=donate)
+        self.update = update
+        self.contender = (build_contender(kind, config, donate=donate) if update
+                          else build_grad_contender(kind, config))
         warm = self.contender.timed_steps(warmup)[0]
         c = self.contender
         self.info = {
@@ -345,6 +415,7 @@ class TrainStepBench(Bench):
             "warnings": c.warnings,
             "warmup_s": warm,
             "donate": donate,
+            "update": update,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "devices": str(jax.devices()),
             "dtype": str(config.model.dtype),

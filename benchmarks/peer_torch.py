@@ -250,10 +250,13 @@ class PeerTrainStep(Bench):
         dtype: str = "float32",
         batch_size: int | None = None,
         crop_size: int | None = None,
+        update: bool = True,
     ):
+        """`update=False`: the loss and its backward alone (no clipping, AdamW or EMA)."""
         import torch
 
         self.kind = kind
+        self.update = update
         self._use_device(threads, dtype)
         config = make_config(kind, variant, batch_size, crop_size)
         size = config.data.crop_size
@@ -281,6 +284,7 @@ class PeerTrainStep(Bench):
             "torch_version": torch.__version__,
             "device": str(torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"),
             "dtype": dtype,
+            "update": update,
             "batch_size": self.n,
             "crop_size": size,
             "num_frozen_params": getattr(self, "num_frozen", 0),
@@ -438,6 +442,8 @@ class PeerTrainStep(Bench):
         loss = self._loss_pretrain() if self.kind == "pretrain" else self._loss_codi()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if not self.update:
+            return
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
         self.opt.step()

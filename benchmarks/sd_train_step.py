@@ -5,8 +5,10 @@ text-conditioned job (`configs/sr.py:sd`: epsilon, scaled_linear, ControlNet's c
 embedder, lambda 1) on an SD-style teacher folder written locally (`contenders.sd_teacher`)
 against diffusers' UNet2DConditionModel + ControlNetModel.from_unet doing the same work per step
 (`peer_torch.py`), alternated in one run. Variants: "sd_small" (SD 1.5's block structure at CPU
-widths: latents 4x32x32 from 256 px images, batch 8, a [B, 77, 64] prompt embedding) and "sd15"
-(SD 1.5's U-Net, 512 px, batch 4; only where a GPU is present, otherwise skipped with a message).
+widths, 2 levels: latents 4x32x32 from 256 px images, batch 4, a [B, 77, 64] prompt embedding)
+and "sd15" (SD 1.5's U-Net, 512 px, batch 4; only where a GPU is present, otherwise skipped with
+a message). On the 2-core development machine the cdd_jax worker's compile of "sd_small" passes
+5 GB of memory (docs/PERFORMANCE.md), so no CPU ratio has been measured yet.
 Neither side encodes with the VAE in the timed step (both encode the batch once at setup).
 
     python benchmarks/sd_train_step.py [--variants=sd_small,sd15] [--rounds=6] [--per_round=2]

@@ -79,6 +79,8 @@ class JaxStep(contenders.TrainStepBench):
 
         from cdd_jax.distill.ema import ema_update
 
+        if not self.update:  # the gradient alone: no state, no EMA
+            return float("nan")
         f = jax.jit(ema_update)
         s = self.contender.step.state
         jax.block_until_ready(f(s.ema_params, s.params, 0.999))
@@ -128,7 +130,7 @@ def make_workers(kind: str, variant: str, args) -> list[common.Worker]:
     workers: list[common.Worker] = []
     # Shapes and precision shared by every contender (--batch_size, --dtype).
     shape = {"batch_size": args.batch_size or None, "crop_size": args.crop_size or None,
-             "dtype": args.dtype}
+             "dtype": args.dtype, "update": not args.grad_only}
 
     def jax_worker(label: str, env: dict, **kw) -> common.Worker:
         return common.Worker(label, JaxStep, kind, variant, env=env, **shape, **kw)
@@ -237,7 +239,9 @@ def markdown(payload: dict) -> str:
     lines = [
         "# Train-step speed: cdd_jax vs PyTorch (diffusers) on the same U-Net shapes",
         "",
-        f"Compute dtype {a.get('dtype', 'float32')}"
+        ("**Gradient of the loss only** (online and target passes, one backward; no optimiser, "
+         "clipping, EMA or non-finite guard, on either side). " if a.get("grad_only") else "")
+        + f"Compute dtype {a.get('dtype', 'float32')}"
         + (f", batch {a['batch_size']}" if a.get("batch_size") else "")
         + (f", {a['crop_size']} px crops" if a.get("crop_size") else "")
         + (" (PyTorch: autocast bf16; cdd_jax: model.dtype bfloat16; float32 parameters)"
@@ -300,8 +304,9 @@ def group_markdown(g: dict) -> list[str]:
         f"batch {info['batch_size']} at {info['crop_size']} px"
         + (f", trained on latents {info['sample_shape']} (NHWC)" if g["kind"] == "sd" else ""),
         f"rooflines ({roof_txt})",
-        f"unfused EMA update {1e3 * g['unfused_ema_update_s']:.1f} ms",
     ]
+    if g["unfused_ema_update_s"] == g["unfused_ema_update_s"]:  # nan for --grad_only
+        extra.append(f"unfused EMA update {1e3 * g['unfused_ema_update_s']:.1f} ms")
     peers = [c for n, c in g["contenders"].items() if n.startswith("peer")]
     if peers:
         p = peers[0]["info"]
@@ -342,6 +347,9 @@ def main(argv: list[str] | None = None, **defaults) -> None:
     )
     p.add_argument("--experiment_threads", default="1", choices=("all", "1"))
     p.add_argument("--no_peer", action="store_true", help="Skip the PyTorch peer.")
+    p.add_argument("--grad_only", action="store_true",
+                   help="Time the loss's gradient alone on both sides (online and target passes, "
+                        "one backward), not the train step: no optimiser, clipping or EMA.")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="Compute dtype of every contender (bf16 is for accelerators).")
     p.add_argument("--batch_size", type=int, default=0,

@@ -175,7 +175,7 @@ def test_sd_benchmark_config_is_sd15s_block_structure_resolved_against_its_folde
     config = bc.sd_bench_config("sd_small", teacher_root=str(tmp_path))
     folder = config.teacher.checkpoint
     assert folder.startswith(str(tmp_path))
-    assert read_subfolder_config(folder, "unet")["block_out_channels"] == [32, 64, 64]
+    assert read_subfolder_config(folder, "unet")["block_out_channels"] == [32, 64]
     m = config.model
     assert (m.family, m.latent_factor, m.latent_channels, m.prompt_tokens, m.prompt_embed_dim) == (
         "unet2d_condition", 8, 4, 77, 64)

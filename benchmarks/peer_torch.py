@@ -228,6 +228,22 @@ def _b(x):
     return x[:, None, None, None]
 
 
+def _schedule_grid(name: str, n: int) -> list[list[float]]:
+    """[alpha, sigma] of cdd_jax's schedule `name` at t = k / n, k = 0..n, computed in a child
+    process: a JAX backend started in the peer's process may slow PyTorch's CPU threads (seen
+    once on the loaded 2-core machine, not settled), so the peer never starts one."""
+    import json
+    import subprocess
+
+    code = ("import json, sys, numpy as np; from cdd_jax.diffusion import get_schedule; "
+            "n = int(sys.argv[2]); "
+            "a, s = get_schedule(sys.argv[1]).alpha_sigma(np.arange(n + 1) / n); "
+            "print(json.dumps([np.asarray(a).tolist(), np.asarray(s).tolist()]))")
+    out = subprocess.run([sys.executable, "-c", code, name, str(n)], capture_output=True,
+                         text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _vae_latents(folder: str, images):
     """Images (NCHW in [-1, 1]) -> the folder VAE's latents: posterior mean x scaling factor."""
     import torch
@@ -350,11 +366,8 @@ class PeerTrainStep(Bench):
     def _build_codi(self, config, batch: dict) -> None:
         """The condition, the online and target networks, the CoDi settings; for "sd" the clean
         images become the folder VAE's latents (once, here: not part of the timed step)."""
-        import jax
         import numpy as np
         import torch
-
-        from cdd_jax.diffusion import get_schedule
 
         d = config.distill
         implemented = dict(objective="codi", predictor="prev", boundary="real_noise", d_eps="l2",
@@ -366,13 +379,8 @@ class PeerTrainStep(Bench):
             raise ValueError(f"the peer reads epsilon or v, not {self.prediction_type!r}")
         self.lambda_x = float(d.lambda_x)
         self.grid_n = int(d.num_grid_steps)
-        # (alpha, sigma) on the grid t = k / N from cdd_jax's own schedule, computed once with JAX
-        # on the CPU (this process runs nothing else in JAX).
-        jax.config.update("jax_platforms", "cpu")
-        grid = get_schedule(config.diffusion.schedule).alpha_sigma(
-            np.arange(self.grid_n + 1) / self.grid_n)
-        self.grid_alpha, self.grid_sigma = (torch.from_numpy(np.asarray(a)).to(self.device)
-                                            for a in grid)
+        grid = _schedule_grid(config.diffusion.schedule, self.grid_n)
+        self.grid_alpha, self.grid_sigma = (torch.tensor(a, device=self.device) for a in grid)
         self.time_scale = float(config.model.num_train_timesteps)
         self.cond = torch.from_numpy(np.ascontiguousarray(batch["cond"].transpose(0, 3, 1, 2)))
         self.cond = self.cond.to(self.device)

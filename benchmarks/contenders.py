@@ -1,6 +1,10 @@
 """What the benchmarks time: the benchmark's configs, the train-step contenders built with the
 package (`cdd_jax.stages` jobs, `cdd_jax.train.builder.build_train_step`, exactly as
 `cdd_jax.train.loop.train` builds its step), and the measured matmul roofline.
+
+Step kinds: "pretrain" and "codi" on the pixel-space U-Net (`VARIANTS`), and "sd": the CoDi step
+of the latent, text-conditioned job of `configs/sr.py:sd` (`SD_VARIANTS`) on a locally written
+SD-style teacher folder (`sd_teacher`) whose U-Net has SD 1.5's block structure.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from typing import Any
 
 from benchmarks.common import Bench, time_calls
 
-VARIANTS = ("default", "large", "tiny", "sr_large")
-KINDS = ("pretrain", "codi")
+VARIANTS = ("default", "large", "tiny", "sr_large")  # of the pixel kinds
+KINDS = ("pretrain", "codi", "sd")
+SD_VARIANTS = ("sd_small", "sd15")  # of kind "sd"
+GPU_ONLY_VARIANTS = ("sd15",)
 _BIG_MODEL_KEYS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "num_groups", "head_dim")
 
 # ----------------------------------------------------------------------------------------------
@@ -35,11 +41,14 @@ def make_config(kind: str, variant: str = "default", batch_size: int | None = No
     seconds).
 
     The U-Net is the "cdd" family: the PyTorch peer (`benchmarks/peer_torch.py`) mirrors it
-    layer for layer, so the comparison is at equal architecture (`model.family` overrides)."""
+    layer for layer, so the comparison is at equal architecture (`model.family` overrides).
+    Kind "sd": `sd_bench_config`."""
     from cdd_jax.config.presets import pretrain_config, sr_config
 
     if kind not in KINDS:
-        raise ValueError(f"kind must be 'pretrain' or 'codi', got {kind!r}")
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "sd":
+        return sd_bench_config(variant, batch_size, crop_size, **model_overrides)
     if variant not in VARIANTS:
         raise ValueError(f"unknown model variant {variant!r}; valid: {VARIANTS}")
     preset_of = pretrain_config if kind == "pretrain" else sr_config
@@ -67,8 +76,120 @@ def make_config(kind: str, variant: str = "default", batch_size: int | None = No
     return config
 
 
+# ----------------------------------------------------------------------------------------------
+# Kind "sd": the latent, text-conditioned CoDi job on an SD-style teacher folder.
+# ----------------------------------------------------------------------------------------------
+
+SD_TOKENS = 77  # CLIP's prompt length: the stored prompt embedding is [1, 77, D], as in SD.
+# The U-Nets of the "sd" variants (diffusers UNet2DConditionModel configs). "sd15": Stable Diffusion
+# 1.5's (320-640-1280-1280, 2 layers per block, 8 heads, 768-wide text; 860 M parameters).
+# "sd_small": the same block structure (cross-attention down blocks then a plain one, the mirror
+# image going up, the cross-attention mid block, GEGLU transformer blocks, conv projections) at
+# CPU widths, 2 levels and 1 layer per block (1.56 M parameters with the adapter, 333 leaves).
+# Even so, XLA:CPU's compile of its CoDi train step passed 5 GB of memory on this 2-core machine,
+# a 3-level one's too (docs/PERFORMANCE.md): the per-leaf parameter updates, not the network.
+SD_UNETS = {
+    "sd15": dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32),
+    "sd_small": dict(block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=64,
+                     attention_head_dim=4, norm_num_groups=8,
+                     down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"]),
+}
+# A narrow stand-in for SD's VAE with its 8x downsampling (4 levels) and 4 latent channels: it
+# only encodes the batch once, before the timed steps, on both sides.
+SD_VAE = dict(block_out_channels=[8, 8, 8, 8], down_block_types=["DownEncoderBlock2D"] * 4,
+              up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=1, norm_num_groups=4,
+              latent_channels=4)
+# (image px, batch) of each variant: latents 4x32x32 (CPU) and SD 1.5's 4x64x64 at 512 px.
+SD_SHAPES = {"sd_small": (256, 4), "sd15": (512, 4)}
+
+
+def sd_unet_config(variant: str) -> dict:
+    """The diffusers `UNet2DConditionModel` config of an "sd" variant (the port's defaults, which
+    are diffusers', for what `SD_UNETS` does not set)."""
+    if variant not in SD_VARIANTS:
+        raise ValueError(f"unknown sd variant {variant!r}; valid: {SD_VARIANTS}")
+    size = SD_SHAPES[variant][0] // 2 ** (len(SD_VAE["block_out_channels"]) - 1)
+    return {"_class_name": "UNet2DConditionModel", "sample_size": size, "in_channels": 4,
+            "out_channels": 4, **SD_UNETS[variant]}
+
+
+def sd_teacher(variant: str, root: str | None = None) -> str:
+    """An SD-style teacher folder for `variant` (U-Net `sd_unet_config`, VAE `SD_VAE`, an
+    epsilon scaled_linear scheduler and a [1, 77, D] prompt embedding, weights drawn with numpy),
+    written under `root` (default: the temp dir) unless it is there already; returns its path.
+    The folder name holds a hash of its configs, so a changed config writes a new one."""
+    import hashlib
+    import json
+    import tempfile
+
+    import numpy as np
+
+    from cdd_jax.convert.diffusers import random_params
+    from cdd_jax.convert.pipeline import scheduler_config
+    from cdd_jax.convert.sd import is_sd_folder, save_sd_pipeline
+    from cdd_jax.models.diffusers.autoencoder_kl import AutoencoderKL
+    from cdd_jax.models.diffusers.unet_2d_condition import UNet2DConditionModel
+
+    unet_cfg = sd_unet_config(variant)
+    vae_cfg = {"_class_name": "AutoencoderKL", **SD_VAE}
+    key = hashlib.sha1(json.dumps([unet_cfg, vae_cfg, SD_TOKENS], sort_keys=True).encode())
+    folder = os.path.join(root or tempfile.gettempdir(), "cdd_jax_benchmarks",
+                          f"{variant}_{key.hexdigest()[:10]}")
+    if is_sd_folder(folder):
+        return folder
+    unet = UNet2DConditionModel.from_config(unet_cfg)
+    vae = AutoencoderKL.from_config(vae_cfg)
+    width = unet_cfg["cross_attention_dim"]
+    embeds = np.random.default_rng(2).normal(size=(1, SD_TOKENS, width)).astype(np.float32)
+    # Weights at the scale of a trained SD U-Net's (std ~0.02-0.05), so activations stay finite.
+    save_sd_pipeline(folder, unet, random_params(unet, 0, 0.02), vae,
+                     random_params(vae, 1, 0.05), prompt_embeds=embeds,
+                     scheduler=scheduler_config("scaled_linear", 1000, "epsilon"))
+    return folder
+
+
+def gpu_only_reason(variant: str, accelerator: str | None) -> str | None:
+    """Why `variant` is not run on this machine (None: it is)."""
+    if variant in GPU_ONLY_VARIANTS and not accelerator:
+        return (f"the {variant!r} variant (Stable Diffusion 1.5 size) runs only where a GPU is "
+                "present (nvidia-smi found none); on a GPU machine: bash benchmarks/run_gpu.sh")
+    return None
+
+
+def sd_bench_config(variant: str = "sd_small", batch_size: int | None = None,
+                    crop_size: int | None = None, teacher_root: str | None = None,
+                    **model_overrides):
+    """The SD recipe (`configs/sr.py:sd`: epsilon, scaled_linear, ControlNet's condition embedder,
+    lambda 1, no anchor) on the `sd_teacher` of `variant`, shaped for one device: float32 unless
+    `dtype` is overridden, no remat (the peer does not checkpoint either), one data-parallel
+    device (the recipe's FSDP over 8 needs 8; on a CPU the recipe's one XLA device: splitting it
+    per core makes the compile larger still), the bundled photos as data; `SD_SHAPES` for crop
+    and batch. The config is
+    resolved against the folder (`resolve_teacher`: latent factor 8, 77 prompt tokens, ...)."""
+    from cdd_jax.config.presets import sd_config
+    from cdd_jax.stages.teacher import resolve_teacher
+
+    if variant not in SD_VARIANTS:
+        raise ValueError(f"unknown sd variant {variant!r}; valid: {SD_VARIANTS}")
+    size, batch = SD_SHAPES[variant]
+    config = sd_config("large")
+    config.teacher.checkpoint = sd_teacher(variant, teacher_root)
+    config.data.update(source="bundled", tfds_name="", num_workers=0,
+                       crop_size=int(crop_size or size), batch_size=int(batch_size or batch))
+    config.degradation.degrade_size = 0  # degrade the crop itself (the batch is made once)
+    config.model.update(dtype="float32", remat=False,
+                        prompt_embed_dim=SD_UNETS[variant]["cross_attention_dim"])
+    config.mesh.sizes = (-1, 1, 1)
+    for k, v in model_overrides.items():
+        config.model[k] = v
+    resolve_teacher(config)
+    return config
+
+
 def real_batch(config, kind: str) -> dict:
-    """Batch 0 of the real training pipeline (bundled photos; SR pairs for "codi")."""
+    """Batch 0 of the real training pipeline (bundled photos; SR pairs for "codi" and "sd")."""
     from cdd_jax.data.pipeline import build_train_dataset
 
     if kind == "pretrain":
@@ -113,13 +234,26 @@ def codi_job(config, batch: dict):
     return dataclasses.replace(job, initial_params=None)
 
 
+def sd_job(config, batch: dict):
+    """The stage-2 Job of the latent job (`cdd_jax.stages.distill`) as training builds it: the
+    teacher loaded from the folder, copied into the backbone and the control encoder (zero
+    gates), the prompt embedding stored with it, the VAE encoding the batch (`prepare_batch`)."""
+    from cdd_jax.stages.distill import distill_job
+    from cdd_jax.stages.teacher import load_teacher
+
+    teacher = load_teacher(config, workdir="")
+    return distill_job(config, teacher, {k: v[:1] for k, v in batch.items()})[0]
+
+
 def contender_job(kind: str, config, batch: dict):
-    """The Job of a step `kind`: the package's pretraining job, or `codi_job`."""
+    """The Job of a step `kind`: the package's pretraining job, `codi_job` or `sd_job`."""
     from cdd_jax.stages.pretrain import pretrain_job
 
     if kind not in KINDS:
-        raise ValueError(f"kind must be 'pretrain' or 'codi', got {kind!r}")
-    return pretrain_job(config)[0] if kind == "pretrain" else codi_job(config, batch)
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "pretrain":
+        return pretrain_job(config)[0]
+    return codi_job(config, batch) if kind == "codi" else sd_job(config, batch)
 
 
 @dataclasses.dataclass
@@ -132,6 +266,7 @@ class Contender:
     warnings: list[str]
     num_params: int
     first_metrics: dict
+    num_frozen_params: int = 0
 
     def step_once(self) -> dict:
         return self.step(self.batch)[1]
@@ -152,25 +287,95 @@ class Contender:
 
 def build_contender(kind: str, config, *, donate: bool = True) -> Contender:
     """The step of `kind` on batch 0 of the real pipeline, built by `build_train_step`, compiled
-    ahead of time and run once; records the warnings of compiling and the first call."""
+    ahead of time and run once; records the warnings of compiling and the first call. A latent
+    job's batch is encoded once here, as the loop does before each step (`prepared_batch`): the
+    timed step starts from latents."""
     import jax
 
     from cdd_jax.train.builder import build_train_step
+    from cdd_jax.train.loop import prepared_batch
     from cdd_jax.train.state import count_params
 
     batch_np = real_batch(config, kind)
-    step = build_train_step(contender_job(kind, config, batch_np), config, donate=donate)
-    batch = step.global_batch(batch_np)
+    job = contender_job(kind, config, batch_np)
+    step = build_train_step(job, config, donate=donate)
+    batch = prepared_batch(job, step.global_batch(batch_np))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         step.compile(batch)
         first = jax.block_until_ready(step(batch)[1])  # the first call (and any donation warning)
+    frozen = [p for p, label in zip(jax.tree.leaves(step.state.params),
+                                    jax.tree.leaves(step.labels), strict=True) if label == "frozen"]
     return Contender(step, batch, [str(w.message) for w in caught],
-                     count_params(step.state.params), first)
+                     count_params(step.state.params), first, count_params(frozen))
+
+
+@dataclasses.dataclass
+class GradContender:
+    """The gradient of a job's loss alone, jitted on one device: the online and target passes and
+    one backward of the same network and batch as the train step, without the parameter updates
+    (optimiser, clipping, EMA, non-finite guard). A measurement of the network work where the
+    whole step cannot be compiled (`TrainStepBench(update=False)`)."""
+
+    fn: Any
+    params: Any
+    batch: Any
+    num_params: int
+    num_frozen_params: int
+    trace_s: float
+    compile_s: float
+    flops: float
+    warnings: tuple = ()
+
+    def timed_steps(self, n: int) -> tuple[list[float], list[float]]:
+        import jax
+
+        key = jax.random.key(0)
+        return time_calls(lambda: jax.block_until_ready(
+            self.fn(self.params, self.params, self.batch, key)), n)
+
+    def info(self) -> dict[str, Any]:
+        return {"trace_s": self.trace_s, "compile_s": self.compile_s,
+                "flops_per_step": self.flops}
+
+
+def build_grad_contender(kind: str, config) -> GradContender:
+    """`GradContender` of the job of `kind` from its initial parameters (the teacher's; the
+    target network holds the same values, as at the first step)."""
+    import time
+
+    import jax
+
+    from cdd_jax.train.builder import compiled_flops
+    from cdd_jax.train.loop import prepared_batch
+    from cdd_jax.train.state import count_params, merge, param_labels, split_trainable
+
+    batch_np = real_batch(config, kind)
+    job = contender_job(kind, config, batch_np)
+    params = jax.device_put(job.initial_params)
+    batch = prepared_batch(job, {k: jax.device_put(v) for k, v in batch_np.items()})
+    labels = param_labels(params, freeze_backbone=job.freeze_backbone)
+
+    def grads(p, target, b, rng):  # as the train step differentiates: trainable leaves only
+        trainable, frozen = split_trainable(p, labels)
+        return jax.grad(lambda tr: job.loss_fn(merge(tr, frozen), target, None, b, rng)[0])(
+            trainable)
+
+    fn = jax.jit(grads)
+    t0 = time.perf_counter()
+    lowered = fn.lower(params, params, batch, jax.random.key(0))
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    frozen = count_params(params.get("text", {}))
+    flops = compiled_flops(compiled)
+    return GradContender(compiled, params, batch, count_params(params), frozen, t1 - t0, t2 - t1,
+                         float("nan") if flops is None else flops)
 
 
 class TrainStepBench(Bench):
-    """A worker's cdd_jax train step: kind "pretrain" | "codi", variant from `VARIANTS`."""
+    """A worker's cdd_jax train step: kind "pretrain" | "codi" (variant from `VARIANTS`) or
+    "sd" (from `SD_VARIANTS`)."""
 
     def __init__(
         self,
@@ -180,8 +385,10 @@ class TrainStepBench(Bench):
         donate: bool = True,
         batch_size: int | None = None,
         crop_size: int | None = None,
+        update: bool = True,
         **model_overrides,
     ):
+        """`update=False`: the loss's gradient alone (`GradContender`), not the train step."""
         config = make_config(kind, variant, batch_size, crop_size, **model_overrides)
         # As training does: split the CPU into devices (the preset's mesh.num_cpu_devices) before
         # JAX starts; an explicit JAX_NUM_CPU_DEVICES in the worker's environment wins.
@@ -190,7 +397,9 @@ class TrainStepBench(Bench):
         configure_cpu_devices(config.mesh.num_cpu_devices, config.data.batch_size)
         import jax
 
-        self.contender = build_contender(kind, config, donate=donate)
+        self.update = update
+        self.contender = (build_contender(kind, config, donate=donate) if update
+                          else build_grad_contender(kind, config))
         warm = self.contender.timed_steps(warmup)[0]
         c = self.contender
         self.info = {
@@ -200,10 +409,13 @@ class TrainStepBench(Bench):
             "batch_size": config.data.batch_size,
             "crop_size": config.data.crop_size,
             "num_params": c.num_params,
+            "num_frozen_params": c.num_frozen_params,
+            "sample_shape": list(c.batch["image"].shape),  # NHWC; latents for "sd"
             **c.info(),
             "warnings": c.warnings,
             "warmup_s": warm,
             "donate": donate,
+            "update": update,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "devices": str(jax.devices()),
             "dtype": str(config.model.dtype),

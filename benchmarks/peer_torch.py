@@ -17,14 +17,26 @@ Shape mapping from a cdd_jax `model` config (crop size S, levels i = 0..L-1 at S
     `UNet2DConditionModel` with the same (self-attention only) blocks, plus a `ControlNetModel` of
     the same encoder. diffusers' mid-block options for these classes are cross-attention or a
     single ResBlock, so both mid blocks are replaced by the `UNetMidBlock2D` that `UNet2DModel`
-    uses (ResBlock-attention-ResBlock). The condition embedder is set to cdd_jax's (3x3 convs
-    3->16->32 at full resolution, zero-init 3x3 conv out; diffusers' default downsamples 8x for
-    latents), and a zero-init 3x3 "input gate" conv adds the embedded condition to the backbone's
-    conv_in output, as cdd_jax's control encoder does (control.input_gate). The unused
-    cross-attention input is a (B, 1, 8) tensor of zeros that no layer reads.
+    uses (ResBlock-attention-ResBlock). The unused cross-attention input is a (B, 1, 8) tensor of
+    zeros that no layer reads.
+  SD ("sd" kind, the latent job of `configs/sr.py:sd`): the teacher folder's own U-Net
+    (`UNet2DConditionModel.from_pretrained`, the weights cdd_jax loads) and
+    `ControlNetModel.from_unet` of it, cross-attending to the folder's stored prompt embedding
+    [1, 77, D] (broadcast to the batch; frozen, counted as cdd_jax counts its `text/embeds`). The
+    clean images are encoded once with the folder's VAE (`AutoencoderKL`, posterior mean x
+    scaling factor, as cdd_jax's `LatentSpace`): neither side encodes in the timed step. The
+    network predicts epsilon on SD's discrete schedule read at continuous t (cdd_jax's
+    `scaled_linear`); timesteps t x 1000.
+  Both CoDi peers: the condition embedder is set to cdd_jax's (`cond_embedder_convs`: 3x3 convs
+    at full resolution, the last log2(latent factor) with stride 2 down to the latent resolution,
+    then conv_out; diffusers' own adds a same-width conv before each stride-2 one), and a zero-init
+    3x3 "input gate" conv adds the embedded condition to the backbone's conv_in output, as
+    cdd_jax's control encoder does (control.input_gate). ControlNet's zero 1x1 convs are cdd_jax's
+    "conv1x1" gates.
 Training steps (the same work as cdd_jax.train.step): loss, backward, global-norm clipping at 1,
 AdamW (foreach), evaluation EMA and, for CoDi, target EMA updates with torch._foreach_lerp_.
-The CoDi step runs the online network with gradients and the target network under no_grad.
+The CoDi step runs the online network with gradients and the target network under no_grad, at
+(alpha, sigma) of the grid times from cdd_jax's own schedule.
 """
 
 from __future__ import annotations
@@ -39,7 +51,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import Bench, time_calls  # noqa: E402
-from benchmarks.contenders import VARIANTS, make_config, real_batch  # noqa: E402
+from benchmarks.contenders import KINDS, SD_VARIANTS, VARIANTS, make_config, real_batch  # noqa: E402
 
 
 def _levels(model_cfg, size: int) -> list[tuple[int, int, bool]]:
@@ -95,13 +107,61 @@ def _mid_block(channels: int, model_cfg):
     )
 
 
-class ControlledUNet:
-    """Backbone + ControlNet + input gate: `forward(z, t, cond) -> v_hat` (NCHW)."""
+def cond_embedder_convs(hidden, out_ch: int, in_ch: int = 3,
+                        num_downsample: int = 0) -> list[tuple[int, int, int]]:
+    """(in, out, stride) of each 3x3 conv of cdd_jax's condition embedder
+    (`cdd_jax.models.control.CondEmbedder`): the `hidden` widths, the last `num_downsample` of
+    them with stride 2, then conv_out to `out_ch` (stride 1); SiLU after each but the last."""
+    hidden = [int(h) for h in hidden]
+    if num_downsample > len(hidden):
+        raise ValueError(f"{len(hidden)} hidden convs cannot downsample {num_downsample} times")
+    ins = [int(in_ch), *hidden]
+    strides = [1] * (len(hidden) - num_downsample) + [2] * num_downsample + [1]
+    return list(zip(ins, [*hidden, int(out_ch)], strides, strict=True))
 
-    def __init__(self, model_cfg, control_cfg, size: int, device=None):
+
+class ControlledUNet:
+    """Backbone + ControlNet + input gate: `forward(z, t, cond) -> prediction` (NCHW), the
+    backbone cross-attending to `context` [1, T, D] broadcast to the batch. Build with `pixel`
+    or `from_folder`."""
+
+    def __init__(self, unet, control, control_cfg, context, num_downsample: int = 0,
+                 device=None):
+        from torch import nn
+
+        self.unet, self.control = unet, control
+        width = unet.config.block_out_channels[0]
+        # cdd_jax's condition embedder in place of ControlNet's (module doc).
+        convs = [nn.Conv2d(a, b, 3, stride=st, padding=1) for a, b, st in cond_embedder_convs(
+            control_cfg.cond_embed_ch, width, control_cfg.cond_channels, num_downsample)]
+        emb = control.controlnet_cond_embedding
+        emb.conv_in, emb.blocks, emb.conv_out = convs[0], nn.ModuleList(convs[1:-1]), convs[-1]
+        if control_cfg.cond_embed_zero_init:
+            nn.init.zeros_(emb.conv_out.weight)
+            nn.init.zeros_(emb.conv_out.bias)
+        self.input_gate = None
+        if control_cfg.input_gate:
+            self.input_gate = nn.Conv2d(width, width, 3, padding=1)
+            nn.init.zeros_(self.input_gate.weight)
+            nn.init.zeros_(self.input_gate.bias)
+            self._c_emb = None
+            emb.register_forward_hook(lambda m, i, o: setattr(self, "_c_emb", o))
+            self.unet.conv_in.register_forward_hook(
+                lambda m, i, o: o + self.input_gate(self._c_emb)
+            )
+        self.modules = nn.ModuleList(
+            [self.unet, self.control] + ([self.input_gate] if self.input_gate is not None else [])
+        )
+        if device is not None:
+            self.modules.to(device)
+        self._ctx = context.to(device)
+
+    @classmethod
+    def pixel(cls, model_cfg, control_cfg, size: int, device=None) -> ControlledUNet:
+        """The cdd_jax pixel U-Net's shapes (module doc): self-attention blocks, UNet2DModel's
+        mid block, a cross-attention input of zeros that no layer reads."""
         import torch
         from diffusers import ControlNetModel, UNet2DConditionModel
-        from torch import nn
 
         kw = unet_kwargs(model_cfg, size)
         enc_kw = {
@@ -115,50 +175,36 @@ class ControlledUNet:
                 "attention_head_dim",
             )
         }
-        self.unet = UNet2DConditionModel(
-            **kw, mid_block_type="UNetMidBlock2D", cross_attention_dim=8
-        )
-        self.control = ControlNetModel(
-            **enc_kw,
-            mid_block_type="UNetMidBlock2D",
-            cross_attention_dim=8,
-            conditioning_embedding_out_channels=(16,),
-        )
+        unet = UNet2DConditionModel(**kw, mid_block_type="UNetMidBlock2D", cross_attention_dim=8)
+        control = ControlNetModel(**enc_kw, mid_block_type="UNetMidBlock2D",
+                                  cross_attention_dim=8, conditioning_embedding_out_channels=(16,))
         c_mid = kw["block_out_channels"][-1]
-        self.unet.mid_block = _mid_block(c_mid, model_cfg)
-        self.control.mid_block = _mid_block(c_mid, model_cfg)
-        # cdd_jax's condition embedder: 3 -> hidden... at full resolution (no 2x downsampling).
-        hidden = tuple(int(h) for h in control_cfg.cond_embed_ch)
-        emb = self.control.controlnet_cond_embedding
-        emb.conv_in = nn.Conv2d(3, hidden[0], 3, padding=1)
-        emb.blocks = nn.ModuleList(
-            nn.Conv2d(a, b, 3, padding=1) for a, b in zip(hidden[:-1], hidden[1:], strict=True)
-        )
-        emb.conv_out = nn.Conv2d(hidden[-1], model_cfg.ch, 3, padding=1)
-        nn.init.zeros_(emb.conv_out.weight)
-        nn.init.zeros_(emb.conv_out.bias)
-        self.input_gate = None
-        if control_cfg.input_gate:
-            self.input_gate = nn.Conv2d(model_cfg.ch, model_cfg.ch, 3, padding=1)
-            nn.init.zeros_(self.input_gate.weight)
-            nn.init.zeros_(self.input_gate.bias)
-            self._c_emb = None
-            emb.register_forward_hook(lambda m, i, o: setattr(self, "_c_emb", o))
-            self.unet.conv_in.register_forward_hook(
-                lambda m, i, o: o + self.input_gate(self._c_emb)
-            )
-        self.modules = nn.ModuleList(
-            [self.unet, self.control] + ([self.input_gate] if self.input_gate is not None else [])
-        )
-        if device is not None:
-            self.modules.to(device)
-        self._ctx = torch.zeros(1, 1, 8, device=device)
+        unet.mid_block = _mid_block(c_mid, model_cfg)
+        control.mid_block = _mid_block(c_mid, model_cfg)
+        return cls(unet, control, control_cfg, torch.zeros(1, 1, 8), 0, device)
+
+    @classmethod
+    def from_folder(cls, folder: str, control_cfg, latent_factor: int,
+                    device=None) -> ControlledUNet:
+        """An SD-style teacher folder's U-Net, `ControlNetModel.from_unet` of it (the encoder
+        copied) and the folder's stored prompt embedding."""
+        import torch
+        from diffusers import ControlNetModel, UNet2DConditionModel
+
+        from cdd_jax.convert.sd import load_prompt_embeds
+
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+        control = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=tuple(control_cfg.cond_embed_ch))
+        embeds = torch.from_numpy(load_prompt_embeds(folder))
+        return cls(unet, control, control_cfg, embeds, int(latent_factor).bit_length() - 1,
+                   device)
 
     def parameters(self):
         return self.modules.parameters()
 
     def forward(self, z, t, cond):
-        ctx = self._ctx.expand(z.shape[0], 1, 8)
+        ctx = self._ctx.expand(z.shape[0], *self._ctx.shape[1:])
         down, mid = self.control(z, t, ctx, cond, return_dict=False)
         return self.unet(
             z,
@@ -182,6 +228,32 @@ def _b(x):
     return x[:, None, None, None]
 
 
+def _schedule_grid(name: str, n: int) -> list[list[float]]:
+    """[alpha, sigma] of cdd_jax's schedule `name` at t = k / n, k = 0..n, computed in a child
+    process: a JAX backend started in the peer's process may slow PyTorch's CPU threads (seen
+    once on the loaded 2-core machine, not settled), so the peer never starts one."""
+    import json
+    import subprocess
+
+    code = ("import json, sys, numpy as np; from cdd_jax.diffusion import get_schedule; "
+            "n = int(sys.argv[2]); "
+            "a, s = get_schedule(sys.argv[1]).alpha_sigma(np.arange(n + 1) / n); "
+            "print(json.dumps([np.asarray(a).tolist(), np.asarray(s).tolist()]))")
+    out = subprocess.run([sys.executable, "-c", code, name, str(n)], capture_output=True,
+                         text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _vae_latents(folder: str, images):
+    """Images (NCHW in [-1, 1]) -> the folder VAE's latents: posterior mean x scaling factor."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").to(images.device)
+    with torch.no_grad():
+        return vae.encode(images).latent_dist.mode() * vae.config.scaling_factor
+
+
 class PeerTrainStep(Bench):
     """One PyTorch training step of the pretraining or the CoDi objective (see module doc)."""
 
@@ -194,10 +266,13 @@ class PeerTrainStep(Bench):
         dtype: str = "float32",
         batch_size: int | None = None,
         crop_size: int | None = None,
+        update: bool = True,
     ):
+        """`update=False`: the loss and its backward alone (no clipping, AdamW or EMA)."""
         import torch
 
         self.kind = kind
+        self.update = update
         self._use_device(threads, dtype)
         config = make_config(kind, variant, batch_size, crop_size)
         size = config.data.crop_size
@@ -209,7 +284,8 @@ class PeerTrainStep(Bench):
             groups, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay, foreach=True
         )
         self.clip = float(o.grad_clip)
-        self.num_params = sum(p.numel() for p in params)
+        # cdd_jax counts its frozen prompt embedding (`text/embeds`) among the parameters.
+        self.num_params = sum(p.numel() for p in params) + getattr(self, "num_frozen", 0)
         t0 = time.perf_counter()
         self.step()
         first = time.perf_counter() - t0
@@ -224,8 +300,11 @@ class PeerTrainStep(Bench):
             "torch_version": torch.__version__,
             "device": str(torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"),
             "dtype": dtype,
+            "update": update,
             "batch_size": self.n,
             "crop_size": size,
+            "num_frozen_params": getattr(self, "num_frozen", 0),
+            "sample_shape": list(self.x.shape),
             "layer_flops_per_step": self.count_flops(),
         }
 
@@ -271,15 +350,7 @@ class PeerTrainStep(Bench):
             groups = [{"params": params, "lr": config.optim.lr}]
             self.ema_decay = config.ema.decay
         else:
-            self.cond = torch.from_numpy(np.ascontiguousarray(batch["cond"].transpose(0, 3, 1, 2)))
-            self.cond = self.cond.to(self.device)
-            self.net = ControlledUNet(config.model, config.control, size, self.device)
-            # A second instance (its hooks close over itself), holding a copy of the weights.
-            self.target = ControlledUNet(config.model, config.control, size, self.device)
-            self.target.modules.load_state_dict(self.net.modules.state_dict())
-            for p in self.target.parameters():
-                p.requires_grad_(False)
-            self.grid_n = int(config.distill.num_grid_steps)
+            self._build_codi(config, batch)
             backbone = list(self.net.unet.parameters())
             new = [p for m in self.net.modules[1:] for p in m.parameters()]
             params = backbone + new
@@ -291,6 +362,45 @@ class PeerTrainStep(Bench):
             self.target_decay = config.distill.target_ema.decay
             self.target_params = list(self.target.parameters())
         return params, groups
+
+    def _build_codi(self, config, batch: dict) -> None:
+        """The condition, the online and target networks, the CoDi settings; for "sd" the clean
+        images become the folder VAE's latents (once, here: not part of the timed step)."""
+        import numpy as np
+        import torch
+
+        d = config.distill
+        implemented = dict(objective="codi", predictor="prev", boundary="real_noise", d_eps="l2",
+                           d_x="l2", eps_weighting="none", per_example_t=False)
+        if wrong := {k: d[k] for k, v in implemented.items() if d[k] != v}:
+            raise ValueError(f"the peer implements CoDi with {implemented}, not {wrong}")
+        self.prediction_type = config.diffusion.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"the peer reads epsilon or v, not {self.prediction_type!r}")
+        self.lambda_x = float(d.lambda_x)
+        self.grid_n = int(d.num_grid_steps)
+        grid = _schedule_grid(config.diffusion.schedule, self.grid_n)
+        self.grid_alpha, self.grid_sigma = (torch.tensor(a, device=self.device) for a in grid)
+        self.time_scale = float(config.model.num_train_timesteps)
+        self.cond = torch.from_numpy(np.ascontiguousarray(batch["cond"].transpose(0, 3, 1, 2)))
+        self.cond = self.cond.to(self.device)
+        if self.kind == "sd":
+            folder, factor = config.teacher.checkpoint, config.model.latent_factor
+            self.x = _vae_latents(folder, self.x)
+
+            def make():
+                return ControlledUNet.from_folder(folder, config.control, factor, self.device)
+        else:
+            def make():
+                return ControlledUNet.pixel(config.model, config.control,
+                                            config.data.crop_size, self.device)
+        self.net = make()
+        # A second instance (its hooks close over itself), holding a copy of the weights.
+        self.target = make()
+        self.target.modules.load_state_dict(self.net.modules.state_dict())
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        self.num_frozen = self.net._ctx.numel() if self.kind == "sd" else 0
 
     # ---- the steps --------------------------------------------------------------------------
 
@@ -305,28 +415,34 @@ class PeerTrainStep(Bench):
             v = self.forward(z, t * 1000.0).float()
         return torch.mean((v - (_b(a) * eps - _b(s) * self.x)) ** 2)
 
+    def _denoise(self, z, out, a, s):
+        """(x_hat, eps_hat) from the network output in its prediction type."""
+        if self.prediction_type == "epsilon":
+            return (z - s * out) / a, out
+        return a * z - s * out, s * z + a * out
+
     def _loss_codi(self):
         import torch
 
         k = int(torch.randint(1, self.grid_n + 1, ()))
         t = torch.full((self.n,), k / self.grid_n, device=self.device)
         s = torch.full((self.n,), (k - 1) / self.grid_n, device=self.device)
-        a_t, s_t = _alpha_sigma(t)
-        a_s, s_s = _alpha_sigma(s)
+        a_t, s_t = self.grid_alpha[k], self.grid_sigma[k]
+        a_s, s_s = self.grid_alpha[k - 1], self.grid_sigma[k - 1]
         eps = torch.randn_like(self.x)
-        z_t = _b(a_t) * self.x + _b(s_t) * eps
+        z_t = a_t * self.x + s_t * eps
         with self._autocast():
-            v = self.net(z_t, t * 1000.0, self.cond).float()
-        x_hat = _b(a_t) * z_t - _b(s_t) * v
-        eps_hat = _b(s_t) * z_t + _b(a_t) * v
-        z_s = (_b(a_s) * x_hat + _b(s_s) * eps).detach()  # PREv: the real noise
+            out = self.net(z_t, t * self.time_scale, self.cond).float()
+        x_hat, eps_hat = self._denoise(z_t, out, a_t, s_t)
+        z_s = (a_s * x_hat + s_s * eps).detach()  # PREv: the real noise
         with torch.no_grad():
             with self._autocast():
-                v_minus = self.target(z_s, s * 1000.0, self.cond).float()
-            eps_minus = _b(s_s) * z_s + _b(a_s) * v_minus
+                out_minus = self.target(z_s, s * self.time_scale, self.cond).float()
+            eps_minus = self._denoise(z_s, out_minus, a_s, s_s)[1]
             if k == 1:
                 eps_minus = eps
-        return torch.mean((eps_hat - eps_minus) ** 2) + torch.mean((self.x - x_hat) ** 2)
+        return (torch.mean((eps_hat - eps_minus) ** 2)
+                + self.lambda_x * torch.mean((self.x - x_hat) ** 2))
 
     def step(self) -> None:
         import torch
@@ -334,12 +450,14 @@ class PeerTrainStep(Bench):
         loss = self._loss_pretrain() if self.kind == "pretrain" else self._loss_codi()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if not self.update:
+            return
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
         self.opt.step()
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - self.ema_decay)
-            if self.kind == "codi":
+            if self.kind != "pretrain":
                 torch._foreach_lerp_(
                     self.target_params, [p.detach() for p in self.params], 1 - self.target_decay
                 )
@@ -370,8 +488,8 @@ def main() -> None:
     import argparse
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kind", default="codi", choices=("pretrain", "codi"))
-    p.add_argument("--variant", default="default", choices=VARIANTS)
+    p.add_argument("--kind", default="codi", choices=KINDS)
+    p.add_argument("--variant", default="default", choices=VARIANTS + SD_VARIANTS)
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args()
     bench = PeerTrainStep(args.kind, args.variant)

@@ -34,3 +34,12 @@ timeout 330 "${step[@]}" --variants=default,large --kinds=codi --rounds=6 --per_
   --dtype=bfloat16 --name=train_step_gpu_bf16 2>&1 | tee "$out/log_bf16.txt"
 timeout 150 "${step[@]}" --variants=default --kinds=codi --rounds=5 --per_round=10 --batch_size=256 \
   --name=train_step_gpu_b256 2>&1 | tee "$out/log_b256.txt"
+# Issue 18: the SD-style latent CoDi step at SD 1.5 size (860 M U-Net + 361 M ControlNet, 512 px,
+# bf16 compute, no remat on either side). Not yet run on a GPU. Each of the two worker processes
+# holds ~30 GB of float32 state (parameters, eval EMA, target, Adam moments, gradients of 1.22 B
+# parameters) plus activations, so batch 4 wants a ~140 GB card (H200); below that, batch 1.
+mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+sd_batch=$(( ${mem_mib:-0} > 120000 ? 4 : 1 ))
+timeout 570 python3 benchmarks/sd_train_step.py --variants=sd15 --dtype=bfloat16 \
+  --batch_size="$sd_batch" --rounds=5 --per_round=5 --out_dir="$out" \
+  --name=sd_train_step_gpu 2>&1 | tee "$out/log_sd15.txt"

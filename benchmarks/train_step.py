@@ -27,6 +27,11 @@ Contenders run in separate worker processes and are timed in alternation (A/B/A/
 The cdd_jax worker also times the EMA update as a separate jitted call, i.e. what the step
 would cost if the EMA were not fused into it.
 
+The "sd" kind (`benchmarks/sd_train_step.py` runs it) is the CoDi step of the latent,
+text-conditioned job (`configs/sr.py:sd`) on an SD-1.5-structured U-Net, its peer diffusers'
+UNet2DConditionModel + ControlNetModel.from_unet; variants "sd_small" (CPU) and "sd15" (SD 1.5
+size, skipped with a message where no GPU is present).
+
     python benchmarks/train_step.py [--variants=default,large] [--kinds=pretrain,codi]
         [--rounds=6] [--per_round=2] [--no_peer] [--dtype=float32|bfloat16] [--batch_size=N]
         [--crop_size=PX]
@@ -74,6 +79,8 @@ class JaxStep(contenders.TrainStepBench):
 
         from cdd_jax.distill.ema import ema_update
 
+        if not self.update:  # the gradient alone: no state, no EMA
+            return float("nan")
         f = jax.jit(ema_update)
         s = self.contender.step.state
         jax.block_until_ready(f(s.ema_params, s.params, 0.999))
@@ -123,7 +130,7 @@ def make_workers(kind: str, variant: str, args) -> list[common.Worker]:
     workers: list[common.Worker] = []
     # Shapes and precision shared by every contender (--batch_size, --dtype).
     shape = {"batch_size": args.batch_size or None, "crop_size": args.crop_size or None,
-             "dtype": args.dtype}
+             "dtype": args.dtype, "update": not args.grad_only}
 
     def jax_worker(label: str, env: dict, **kw) -> common.Worker:
         return common.Worker(label, JaxStep, kind, variant, env=env, **shape, **kw)
@@ -232,7 +239,9 @@ def markdown(payload: dict) -> str:
     lines = [
         "# Train-step speed: cdd_jax vs PyTorch (diffusers) on the same U-Net shapes",
         "",
-        f"Compute dtype {a.get('dtype', 'float32')}"
+        ("**Gradient of the loss only** (online and target passes, one backward; no optimiser, "
+         "clipping, EMA or non-finite guard, on either side). " if a.get("grad_only") else "")
+        + f"Compute dtype {a.get('dtype', 'float32')}"
         + (f", batch {a['batch_size']}" if a.get("batch_size") else "")
         + (f", {a['crop_size']} px crops" if a.get("crop_size") else "")
         + (" (PyTorch: autocast bf16; cdd_jax: model.dtype bfloat16; float32 parameters)"
@@ -262,6 +271,7 @@ def markdown(payload: dict) -> str:
     ]
     for g in payload["groups"]:
         lines += group_markdown(g)
+    lines += [f"Not run: {v}: {reason}." for v, reason in payload.get("skipped", {}).items()]
     return "\n".join(lines)
 
 
@@ -289,11 +299,14 @@ def group_markdown(g: dict) -> list[str]:
     extra = [
         f"{g['contenders']['cdd_jax']['gflop_per_step']:.1f} GFLOP/step "
         f"({g.get('flops_source', 'XLA cost analysis')})",
-        f"params {info['num_params']:,}",
-        f"batch {info['batch_size']} at {info['crop_size']} px",
+        f"params {info['num_params']:,}" + (f" ({info['num_frozen_params']:,} frozen)"
+                                            if info.get("num_frozen_params") else ""),
+        f"batch {info['batch_size']} at {info['crop_size']} px"
+        + (f", trained on latents {info['sample_shape']} (NHWC)" if g["kind"] == "sd" else ""),
         f"rooflines ({roof_txt})",
-        f"unfused EMA update {1e3 * g['unfused_ema_update_s']:.1f} ms",
     ]
+    if g["unfused_ema_update_s"] == g["unfused_ema_update_s"]:  # nan for --grad_only
+        extra.append(f"unfused EMA update {1e3 * g['unfused_ema_update_s']:.1f} ms")
     peers = [c for n, c in g["contenders"].items() if n.startswith("peer")]
     if peers:
         p = peers[0]["info"]
@@ -314,10 +327,12 @@ def group_markdown(g: dict) -> list[str]:
     return [*lines, "", "; ".join(extra) + ".", ""]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None, **defaults) -> None:
+    """The command line; `defaults` replace the arguments' defaults (`sd_train_step.py`)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", default="default,large", help=f"From {contenders.VARIANTS}.")
-    p.add_argument("--kinds", default="pretrain,codi")
+    p.add_argument("--variants", default="default,large",
+                   help=f"From {contenders.VARIANTS} (kind sd: {contenders.SD_VARIANTS}).")
+    p.add_argument("--kinds", default="pretrain,codi", help=f"From {contenders.KINDS}.")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--per_round", type=int, default=2)
     p.add_argument(
@@ -332,6 +347,9 @@ def main() -> None:
     )
     p.add_argument("--experiment_threads", default="1", choices=("all", "1"))
     p.add_argument("--no_peer", action="store_true", help="Skip the PyTorch peer.")
+    p.add_argument("--grad_only", action="store_true",
+                   help="Time the loss's gradient alone on both sides (online and target passes, "
+                        "one backward), not the train step: no optimiser, clipping or EMA.")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="Compute dtype of every contender (bf16 is for accelerators).")
     p.add_argument("--batch_size", type=int, default=0,
@@ -340,7 +358,8 @@ def main() -> None:
                    help="Override the training crop size in px (0: the preset's, 32).")
     p.add_argument("--out_dir", default=common.RESULTS_DIR)
     p.add_argument("--name", default="train_step", help="Basename of the result files.")
-    args = p.parse_args()
+    p.set_defaults(**defaults)
+    args = p.parse_args(argv)
 
     # Several worker processes may share one GPU: JAX must not grab 75% of it in each.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -348,8 +367,16 @@ def main() -> None:
     print(f"machine: {machine['cpu']}, {machine['cores']} cores; {machine['uptime']}", flush=True)
     rooflines = []
     groups = []
+    skipped = {}
+    variants = []
+    for v in [v for v in args.variants.split(",") if v]:
+        if reason := contenders.gpu_only_reason(v, machine["accelerator"]):
+            print(f"== {v}: skipped: {reason}", flush=True)
+            skipped[v] = reason
+        else:
+            variants.append(v)
     try:
-        for t in [t for t in args.threads.split(",") if t]:
+        for t in [t for t in args.threads.split(",") if t and variants]:
             if t == "all":
                 rooflines.append(
                     common.Worker("roofline", contenders.MatmulRoofline, dtype=args.dtype)
@@ -357,7 +384,7 @@ def main() -> None:
             else:
                 env = _env_1t(os.environ.get("XLA_FLAGS", ""))
                 rooflines.append(common.Worker("roofline@1t", contenders.MatmulRoofline, env=env))
-        for variant in [v for v in args.variants.split(",") if v]:
+        for variant in variants:
             for kind in [k for k in args.kinds.split(",") if k]:
                 groups.append(run_group(kind, variant, args, rooflines))
     finally:
@@ -368,8 +395,9 @@ def main() -> None:
         **common.payload_header("train_step", machine, end),
         "args": vars(args),
         "groups": groups,
+        "skipped": skipped,
     }
-    codi = [g for g in groups if g["kind"] == "codi" and g["peer_ratios"]]
+    codi = [g for g in groups if g["kind"] in ("codi", "sd") and g["peer_ratios"]]
     if codi:
         payload["target"] = {
             "codi_speed_over_peer": {g["variant"]: g["peer_ratios"] for g in codi},

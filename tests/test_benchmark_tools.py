@@ -105,3 +105,89 @@ def test_layer_alternatives_compute_the_frameworks_layers():
     xhat = ((y - b) / s).reshape(2, 20, 4, 2)
     assert jnp.allclose(jnp.mean(xhat, axis=(1, 3)), 0.0, atol=1e-5)
     assert jnp.allclose(jnp.var(xhat, axis=(1, 3)), 1.0, atol=1e-4)
+
+
+def _kernels(tree) -> list[tuple[int, int]]:
+    """(in, out) channels of the conv kernels of a flax params tree, in name order."""
+    import flax.linen as nn
+    import jax
+
+    leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(tree))
+    return [tuple(v.shape[-2:]) for k, v in leaves if jax.tree_util.keystr(k).endswith("kernel']")]
+
+
+@pytest.mark.parametrize("latent_factor", [1, 8])
+def test_sd_peer_condition_embedder_is_the_ports(latent_factor):
+    """The peer's condition embedder (benchmarks/peer_torch.cond_embedder_convs) has the convs of
+    cdd_jax's CondEmbedder: the same (in, out) channels in order and the strides that take the
+    full-resolution condition to the latent resolution, as the port computes it."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.peer_torch import cond_embedder_convs
+    from cdd_jax.models.control import CondEmbedder
+
+    hidden, width, size = (16, 32, 96, 256), 32, 64
+    n_down = latent_factor.bit_length() - 1
+    module = CondEmbedder(width, hidden, num_downsample=n_down)
+    cond = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    params = jax.eval_shape(module.init, jax.eval_shape(jax.random.key, 0), cond)["params"]
+    out = jax.eval_shape(module.apply, {"params": params}, cond)
+    convs = cond_embedder_convs(hidden, width, 3, n_down)
+    assert [(a, b) for a, b, _ in convs] == _kernels(params)
+    stride = 1
+    for _, _, s in convs:
+        stride *= s
+    assert stride == latent_factor and out.shape == (1, size // stride, size // stride, width)
+    assert [s for *_, s in convs][-1] == 1  # conv_out keeps the latent resolution
+    with pytest.raises(ValueError, match="cannot downsample"):
+        cond_embedder_convs((16,), width, 3, 2)
+
+
+def test_sd_benchmark_config_is_sd15s_block_structure_resolved_against_its_folder(tmp_path):
+    """The "sd" kind's teacher folder and config: the port reads the U-Net config the benchmark
+    writes; "sd15" is SD 1.5's U-Net (859,520,964 parameters, as published) and "sd_small" has its
+    block structure; the SD recipe resolved against the folder trains on 32 px latents of 256 px
+    images, cross-attending to a [1, 77, 64] prompt embedding; "sd15" is skipped without a GPU."""
+    import jax
+
+    from benchmarks import contenders as bc
+    from cdd_jax.convert.diffusers import abstract_params
+    from cdd_jax.convert.sd import load_prompt_embeds, read_subfolder_config
+    from cdd_jax.models.diffusers.unet_2d_condition import DEFAULTS, UNet2DConditionModel
+
+    sd15_module = UNet2DConditionModel.from_config(bc.sd_unet_config("sd15"))
+    sd15 = sd15_module.config
+    sd15_published = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+                          cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+                          in_channels=4, out_channels=4, sample_size=64)
+    assert {k: sd15[k] for k in sd15_published} == sd15_published
+    assert sum(x.size for x in jax.tree.leaves(abstract_params(sd15_module))) == 859_520_964
+    small = UNet2DConditionModel.from_config(bc.sd_unet_config("sd_small")).config
+    for cfg in (sd15, small):  # cross-attention at every level but the deepest, mirrored going up
+        levels = len(cfg["block_out_channels"])
+        assert list(cfg["down_block_types"]) == (["CrossAttnDownBlock2D"] * (levels - 1)
+                                                 + ["DownBlock2D"])
+        assert list(cfg["up_block_types"]) == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (levels - 1)
+        assert cfg["mid_block_type"] == DEFAULTS["mid_block_type"] == "UNetMidBlock2DCrossAttn"
+        assert cfg["use_linear_projection"] is False and cfg["act_fn"] == "silu"
+
+    config = bc.sd_bench_config("sd_small", teacher_root=str(tmp_path))
+    folder = config.teacher.checkpoint
+    assert folder.startswith(str(tmp_path))
+    assert read_subfolder_config(folder, "unet")["block_out_channels"] == [32, 64]
+    m = config.model
+    assert (m.family, m.latent_factor, m.latent_channels, m.prompt_tokens, m.prompt_embed_dim) == (
+        "unet2d_condition", 8, 4, 77, 64)
+    assert config.data.crop_size // m.latent_factor == small["sample_size"] == 32
+    assert load_prompt_embeds(folder).shape == (1, 77, 64)
+    assert (config.diffusion.prediction_type, config.diffusion.schedule) == ("epsilon",
+                                                                             "scaled_linear")
+    assert tuple(config.control.cond_embed_ch) == (16, 32, 96, 256)  # ControlNet's
+    assert (config.distill.lambda_x, config.control.anchor_precision) == (1.0, 0.0)
+    assert bc.sd_bench_config("sd_small", teacher_root=str(tmp_path)).teacher.checkpoint == folder
+    assert "GPU" in bc.gpu_only_reason("sd15", None)
+    assert bc.gpu_only_reason("sd15", "NVIDIA H100 80GB HBM3") is None
+    assert bc.gpu_only_reason("sd_small", None) is None
+    with pytest.raises(ValueError, match="unknown sd variant"):
+        bc.sd_bench_config("sd21")

@@ -1,16 +1,15 @@
 """A tiny Stable-Diffusion-style teacher made locally (no download): a two-level
 UNet2DConditionModel (cross-attention in the mid block only: each transformer block costs ~1 min
 of XLA:CPU compile time in a CoDi step here), a two-level
-AutoencoderKL (latents at 1/2 of the image size) and a stored prompt embedding, with weights
-perturbed from their random init so that no layer is trivially zero."""
+AutoencoderKL (latents at 1/2 of the image size) and a stored prompt embedding, with random
+weights drawn with numpy (`cdd_jax.convert.diffusers.random_params`) so that no layer is
+trivially zero."""
 
 from __future__ import annotations
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from cdd_jax.convert.diffusers import random_params
 from cdd_jax.convert.pipeline import scheduler_config
 from cdd_jax.convert.sd import save_sd_pipeline
 from cdd_jax.models.diffusers.autoencoder_kl import AutoencoderKL
@@ -26,30 +25,14 @@ VAE = dict(sample_size=16, in_channels=3, out_channels=3, latent_channels=4,
            up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=4)
 
 
-def _perturbed(module, seed, scale=0.1):
-    """Random weights of `module`'s shapes, drawn with numpy (compiling flax's initialisers costs
-    ~1 min here): norm scales 1 + N(0, 0.05^2), everything else N(0, scale^2)."""
-    shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0),
-                                          *module.example_inputs(1))["params"])
-    rng = np.random.default_rng(seed)
-
-    def draw(path, x):
-        noise = rng.normal(size=x.shape).astype(np.float32)
-        if jax.tree_util.keystr(path).endswith("['scale']"):
-            return jnp.asarray(1.0 + 0.05 * noise)
-        return jnp.asarray(scale * noise)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 def tiny_unet(seed=0):
     module = UNet2DConditionModel.from_config({"_class_name": "UNet2DConditionModel", **UNET})
-    return module, _perturbed(module, seed)
+    return module, random_params(module, seed)
 
 
 def tiny_vae(seed=10):
     module = AutoencoderKL.from_config({"_class_name": "AutoencoderKL", **VAE})
-    return module, _perturbed(module, seed, 0.05)
+    return module, random_params(module, seed, 0.05)
 
 
 def make_sd_folder(out, prediction_type="epsilon", seed=0):
@@ -79,7 +62,7 @@ def make_sd15_standin(out, prediction_type="epsilon", tokens=4):
     unet = UNet2DConditionModel.from_config({"_class_name": "UNet2DConditionModel", **SD15_UNET})
     vae = AutoencoderKL.from_config({"_class_name": "AutoencoderKL", **SD15_VAE})
     embeds = np.random.default_rng(5).normal(size=(1, tokens, 16)).astype(np.float32)
-    save_sd_pipeline(out, unet, _perturbed(unet, 1), vae, _perturbed(vae, 2, 0.05),
+    save_sd_pipeline(out, unet, random_params(unet, 1), vae, random_params(vae, 2, 0.05),
                      scheduler=scheduler_config("scaled_linear", 1000, prediction_type),
                      prompt_embeds=embeds)
     return out

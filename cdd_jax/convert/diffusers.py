@@ -99,9 +99,26 @@ def flat_params(tree) -> dict[tuple[str, ...], Any]:
 
 
 def abstract_params(module: nn.Module):
-    """The module's parameters as ShapeDtypeStructs (boxed with logical axes), nothing compiled."""
+    """The module's parameters as ShapeDtypeStructs (boxed with logical axes), nothing compiled
+    and no backend started (the key is abstract too)."""
     return jax.eval_shape(lambda r: module.init(r, *module.example_inputs()),
-                          jax.random.key(0))["params"]
+                          jax.eval_shape(jax.random.key, 0))["params"]
+
+
+def random_params(module: nn.Module, seed: int = 0, scale: float = 0.1) -> dict:
+    """Random float32 numpy parameters of the port's shapes: nothing compiled (compiling flax's
+    initialisers costs ~1 min of XLA:CPU time for a U-Net) and no JAX backend started (a process
+    may still split its CPU into devices after). Norm scales 1 + N(0, 0.05^2), everything else
+    N(0, scale^2). For stand-in teachers in tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        noise = rng.normal(size=x.shape).astype(np.float32)
+        if jax.tree_util.keystr(path).endswith("['scale']"):
+            return 1.0 + np.float32(0.05) * noise
+        return np.float32(scale) * noise
+
+    return jax.tree_util.tree_map_with_path(draw, _shapes(type(module), module.config_json))
 
 
 def expected_tensors(module: nn.Module) -> dict[str, tuple]:
@@ -110,8 +127,15 @@ def expected_tensors(module: nn.Module) -> dict[str, tuple]:
 
 
 @functools.lru_cache(maxsize=32)
+def _shapes(cls, config_json: str):
+    """The unboxed abstract parameters of a port's config (shapes: dtype-independent); tracing a
+    U-Net takes seconds, and exporting stand-in weights needs them twice."""
+    return nn.unbox(abstract_params(cls(config_json)))
+
+
+@functools.lru_cache(maxsize=32)
 def _expected_tensors(cls, config_json: str) -> tuple:
-    leaves = flat_params(nn.unbox(abstract_params(cls(config_json))))  # shapes: dtype-independent
+    leaves = flat_params(_shapes(cls, config_json))
     return tuple((torch_name(p), torch_shape(v.shape)) for p, v in leaves.items())
 
 

@@ -104,7 +104,7 @@ def _periodic(job: Job, tcfg, writer, workdir: str, state: TrainState, step: int
             Image.fromarray(grid).save(os.path.join(workdir, "samples", f"{step:07d}.png"))
 
 
-def _prepared(job: Job, batch: dict) -> dict:
+def prepared_batch(job: Job, batch: dict) -> dict:
     """`job.prepare_batch(batch)`, each array kept on the data pipeline's batch sharding."""
     if job.prepare_batch is None:
         return batch
@@ -135,7 +135,7 @@ def train(job: Job, config: ml_collections.ConfigDict, workdir: str) -> TrainSta
                              read_threads=config.data.read_threads)
     if data_state:
         it.set_state(data_state)
-    batch = _prepared(job, step_fn.global_batch(next(it)))
+    batch = prepared_batch(job, step_fn.global_batch(next(it)))
     step_fn.compile(batch)
     writer.write_scalars(start_step, log_step_info(step_fn, job.name))
 
@@ -188,7 +188,7 @@ def _run_steps(job: Job, config, workdir: str, step_fn: TrainStep, it, batch, ck
                 raise SystemExit(0)
             if step < tcfg.num_steps:
                 t_wait = time.time()
-                batch = _prepared(job, step_fn.global_batch(next(it)))
+                batch = prepared_batch(job, step_fn.global_batch(next(it)))
                 window.wait_s += time.time() - t_wait
     if halted is not None:
         ckpt.close()

@@ -8,7 +8,8 @@
 #
 # Writes OUT_DIR/run{1,2}.log and OUT_DIR/second_run.txt; the cache is OUT_DIR/cache (not the
 # user's), so run 1 always compiles cold. --config.train.log_every=1 only makes step 1 log
-# itself; it is not part of the compiled step.
+# itself (--verbosity=0: INFO logs on, which is where it logs); it is not part of the compiled
+# step.
 set -u
 OUT=${1:-/tmp/cdd_second_run}
 PY=${PYTHON:-python}
@@ -25,7 +26,7 @@ for run in 1 2; do
   load="$(cut -d' ' -f1-3 /proc/loadavg)"
   t0=$(date +%s.%N)
   "$PY" -m cdd_jax.main --config=configs/sr.py --workdir="$OUT/wd$run" \
-    --config.train.log_every=1 > "$log" 2>&1 &
+    --config.train.log_every=1 --verbosity=0 > "$log" 2>&1 &
   pid=$!
   compiled="" first=""
   while kill -0 "$pid" 2>/dev/null; do

@@ -3,8 +3,13 @@
     python -m cdd_jax.main --config=configs/sr.py --workdir=/tmp/sr
     python -m cdd_jax.main --config=configs/pretrain.py:tiny --workdir=/tmp/t \
         --config.train.num_steps=10
+
+Quiet by default: one progress line per training run, the milestones (compile time, evaluations,
+where the results are) and warnings; `--verbosity=0` brings back every INFO log (absl, orbax,
+JAX, the parameter table, a line per logged step).
 """
 
+import os
 import runpy
 import sys
 
@@ -29,6 +34,9 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (explic
 flags.DEFINE_integer("num_processes", None, "Number of JAX processes (explicit multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+# What the run leaves for a person to read, per stage (relative to --workdir).
+_REPORTS = ("eval/results.md", "table1.md")
 
 
 def _override_hints(argv: list[str]) -> list[str]:
@@ -68,6 +76,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # quiet by default: --verbosity=0 shows INFO logs
+        logging.set_verbosity(logging.WARNING)
     # Imported after flag parsing, so that --help and flag errors answer without loading JAX.
     from cdd_jax.compile_cache import enable_compilation_cache
     from cdd_jax.parallel.distributed import maybe_initialize
@@ -84,6 +94,22 @@ def main(argv):
     import cdd_jax
 
     cdd_jax.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    _print_summary(FLAGS.workdir)
+
+
+def _print_summary(workdir: str) -> None:
+    """The run's report (where the stage writes one) and where everything is."""
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    for name in _REPORTS:
+        path = os.path.join(workdir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                print(f.read().rstrip() + "\n")
+            print(f"report: {path}")
+    print(f"done: everything is in {workdir}")
 
 
 if __name__ == "__main__":

@@ -636,6 +636,7 @@ CLI_FLAGS = (
     "--config.train.keep_checkpoints=2",
     "--config.train.async_checkpoints=True",
     "--config.train.eval_every=0",
+    "--verbosity=0",  # INFO logs on: the chaos test reads ReportProgress's "(k/40)" lines
 )
 
 

@@ -301,6 +301,23 @@ def test_command_line_exit_code_counts_the_failures(student_dir, photo, tmp_path
     assert os.listdir(tmp_path / "out") == ["good.png"]
 
 
+def test_heldout_check_reports_numbers_that_differ_from_the_recorded_ones(tmp_path):
+    """A folder that records one made-up row ({"psnr": 1.0}): the re-evaluation on the job's
+    held-out crops cannot reproduce it, and says so (the identical case: the slow test below, on
+    a student the job really evaluated). One sampler, PSNR only, to keep it fast."""
+    from cdd_jax.inference.reproduce import reproduce_job_evaluation
+
+    config, params = tiny_student_params()
+    config.evaluate.update(student_steps=(1,), renoise=("ddim",), metrics=("psnr",))
+    config.data.num_eval_crops = 4
+    save_student(str(tmp_path / "student"), params, config, metrics=[{"psnr": 1.0}])
+    report = reproduce_job_evaluation(load_student(str(tmp_path / "student")),
+                                      str(tmp_path / "again"))
+    assert not report["identical"] and report["rows"] > 1
+    assert report["differences"][0][0] == {"psnr": 1.0}
+    assert (tmp_path / "again" / "eval" / "results.json").is_file()
+
+
 # ---------------------------------------------------------------------------- the sr job
 @pytest.mark.slow
 def test_sr_job_exports_a_student_that_reproduces_its_evaluation(tmp_path):
@@ -320,5 +337,13 @@ def test_sr_job_exports_a_student_that_reproduces_its_evaluation(tmp_path):
     strip = lambda rs: [{k: v for k, v in r.items() if "time" not in k and "sec" not in k}
                         for r in rs]
     assert strip(again) == strip(rows)
+    # The same check from the command line, on the folder alone.
+    env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "cdd_jax.evaluate", "--heldout",
+                           f"--model={folder}", f"--out={tmp_path / 'cli'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"identical: all {len(rows)} metric rows" in proc.stdout
     out = Upscaler(student)(np.zeros((5, 7, 3), np.uint8), steps=1)
     assert out.shape == (20, 28, 3)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cdd_jax.console import note
 from cdd_jax.convert.pipeline import save_pipeline, scheduler_config
 from cdd_jax.data.pipeline import build_train_dataset, make_eval_set
 from cdd_jax.diffusion import Schedule, get_schedule, prediction_target, sample
@@ -104,7 +105,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> tuple[PyTree, d
     }
     out = os.path.join(workdir, "export")
     export_teacher(out, params, config, meta)
-    logging.info("exported teacher to %s: %s", out, json.dumps(meta, sort_keys=True))
+    note("exported teacher to %s", out)
+    logging.info("teacher metadata: %s", json.dumps(meta, sort_keys=True))
     return params, meta
 
 

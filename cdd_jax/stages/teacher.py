@@ -17,6 +17,7 @@ from typing import Any
 import ml_collections
 
 from cdd_jax import config_checks as checks
+from cdd_jax.console import note
 from cdd_jax.convert import pipeline, sd
 from cdd_jax.convert.diffusers import canonical_json, load_diffusers
 from cdd_jax.diffusion import PREDICTION_TYPES
@@ -191,10 +192,10 @@ def load_teacher(config: ml_collections.ConfigDict, workdir: str) -> PyTree:
         tdir = os.path.join(workdir, "teacher")
         export = os.path.join(tdir, "export")
         if os.path.isdir(os.path.join(export, "params")) or pipeline.is_diffusers_folder(export):
-            logging.info("reusing the teacher pretrained in %s", tdir)
+            note("reusing the teacher pretrained in %s", tdir)
             path = export
         else:
-            logging.info("no teacher checkpoint given: pretraining one in %s", tdir)
+            note("no teacher checkpoint given: pretraining one in %s", tdir)
             return pretrain(config.teacher.pretrain, tdir)[0]
     if pipeline.is_diffusers_folder(path):
         folder, sub = pipeline.unet_location(path)

@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from cdd_jax.console import note, verbose
 from cdd_jax.parallel.mesh import check_batch_divisible, make_mesh
 from cdd_jax.parallel.sharding import (
     batch_sharding,
@@ -176,5 +177,8 @@ def build_train_step(job: Job, config: ml_collections.ConfigDict, *, donate: boo
 
 def log_step_info(step: TrainStep, name: str) -> dict[str, float]:
     info = step.info()
-    logging.info("[%s] compiled train step: %s", name, json.dumps(info))
+    if verbose():
+        logging.info("[%s] compiled train step: %s", name, json.dumps(info))
+    else:
+        note("[%s] compiled train step in %.1f s", name, info.get("compile_seconds", float("nan")))
     return info

@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
 
+from cdd_jax.console import note, progress
 from cdd_jax.data.pipeline import make_train_iterator
 from cdd_jax.parallel.distributed import is_main_process
 from cdd_jax.train.builder import TrainStep, build_train_step, log_step_info
@@ -77,7 +78,7 @@ def _log_parameters(step: TrainStep, job: Job, writer) -> None:
     n_train = int(sum(x.size for x, lab in zip(jax.tree.leaves(step.state.params),
                                                   jax.tree.leaves(step.labels), strict=True)
                       if lab != "frozen"))
-    logging.info("[%s] parameters: %d total, %d trainable", job.name, n_total, n_train)
+    note("[%s] parameters: %d total, %d trainable", job.name, n_total, n_train)
     # "global": the statistics of arrays sharded over several processes need a collective (every
     # process takes part; a plain device_get cannot fetch them). Process 0 logs the table.
     parameter_overview.log_parameter_overview(step.state.params, include_stats="global",
@@ -92,7 +93,8 @@ def _periodic(job: Job, tcfg, writer, workdir: str, state: TrainState, step: int
             tcfg.eval_every and step % tcfg.eval_every == 0)):
         scalars = job.eval_fn(state)
         writer.write_scalars(step, scalars)
-        logging.info("[%s] step %d eval %s", job.name, step, scalars)
+        note("[%s] step %d eval %s", job.name, step,
+             ", ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items())))
     if job.sample_fn is not None and (final or (tcfg.sample_every and step > 0
                                                 and step % tcfg.sample_every == 0)):
         grid = job.sample_fn(state)
@@ -127,7 +129,7 @@ def train(job: Job, config: ml_collections.ConfigDict, workdir: str) -> TrainSta
     data_state = None
     if restored is not None:
         start, step_fn.state, data_state = restored
-        logging.info("[%s] resumed from step %d", job.name, start)
+        note("[%s] resumed from step %d", job.name, start)
     start_step = int(step_fn.state.step)
 
     dataset = job.make_dataset(jax.process_index(), jax.process_count())
@@ -161,17 +163,20 @@ def _run_steps(job: Job, config, workdir: str, step_fn: TrainStep, it, batch, ck
     if start_step == 0:
         _periodic(job, tcfg, writer, workdir, state, 0)
     window, halted, step = _Window(), None, start_step
-    with _Preemption() as preempt:
+    bar = progress(tcfg.num_steps, start_step, f"[{job.name}]")
+    with _Preemption() as preempt, bar:
         while step < tcfg.num_steps:
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = step_fn(batch)
             step += 1
             window.add(metrics)
+            bar.update(1)
             for h in hooks:
                 h(step)
             if step % tcfg.log_every == 0 or step == tcfg.num_steps:
                 summary, finite = window.summary(state)
                 writer.write_scalars(step, summary)
+                bar.set_postfix(loss=f"{summary['loss']:.4g}", refresh=False)
                 window.reset()
                 if tcfg.nonfinite == "halt" and finite.size and not finite.all():
                     halted = (step - finite.size + 1 + int(np.argmin(finite)), step)

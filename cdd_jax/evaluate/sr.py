@@ -32,6 +32,9 @@ def evaluate_config() -> ml_collections.ConfigDict:
     # same for all, so it is evaluated once): "ddim" (the paper: the noise the network implies)
     # and "fresh" (new Gaussian noise, as consistency models do); distill/sampling.py.
     c.renoise = ("ddim", "fresh")
+    # The re-noising an exported student uses unless told otherwise (`python -m cdd_jax.upscale`,
+    # `cdd_jax.Upscaler`); "" = the first of `renoise`. Changes no evaluated number.
+    c.default_renoise = ""
     c.metrics = ("psnr", "ssim", "lpips_alex")  # Also available: "lpips_vgg".
     c.batch_size = 16  # Images per evaluation batch.
     c.num_grid_images = 8  # Rows of the PNG comparison grid.
@@ -44,6 +47,9 @@ def validate_evaluate_config(cfg: ml_collections.ConfigDict) -> None:
     checks.positive_ints(cfg, "student_steps", prefix=p)
     checks.choice(cfg, "grid", GRIDS, prefix=p)
     checks.subset(cfg, "renoise", RENOISE, prefix=p)
+    if cfg.default_renoise and cfg.default_renoise not in cfg.renoise:
+        raise ValueError(f"{p}default_renoise={cfg.default_renoise!r} is not one of the evaluated "
+                         f"{p}renoise={tuple(cfg.renoise)} (or '' for the first of them)")
     checks.subset(cfg, "metrics", tuple(available_metrics()), prefix=p)
     for key in ("batch_size", "num_grid_images"):
         checks.number(cfg, key, 1, integer=True, prefix=p)

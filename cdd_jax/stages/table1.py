@@ -91,6 +91,7 @@ _IGNORED_FOR_REUSE = (
     "data.read_threads",
     "data.prefetch",
     "evaluate.num_grid_images",
+    "evaluate.default_renoise",
     "mesh",
 )
 # Config sections that only some rows read: another row is reused even if they differ.

@@ -19,9 +19,11 @@ the student at each K runs on that size too, so the ratio is measured at one siz
 
 Memory: a thread samples this process's resident set size (/proc/self/statm) every 20 ms; each
 phase reports the RSS before it and the peak during it. The network sees `tile_batch` tiles per
-call at every size; the whole-image arrays (the condition canvas, the blend accumulators and the
-output, ~28 bytes per output pixel, `Upscaler` docstring) grow with the image, and the table
-gives that prediction beside the measured growth.
+call at every size; the condition and the blend are made one row of tiles at a time, so the
+only whole-image array of `upscale_rgb` is its float32 output (12 bytes per output pixel,
+`Upscaler` docstring; 28 before session 11, when the condition canvas and the blend
+accumulators were whole-image too), and the table gives that prediction beside the measured
+growth.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 MOSAIC = ("astronaut", "chelsea", "rocket", "china")
-BYTES_PER_OUTPUT_PIXEL = 28  # float32 canvas (12) + accumulator (12) + weight sum (4).
+BYTES_PER_OUTPUT_PIXEL = 12  # The float32 output; the condition and blend are per row.
 
 
 def size_arg(text: str) -> tuple[int, int]:

@@ -23,8 +23,15 @@ from cdd_jax.config.presets import sr_config
 from cdd_jax.config.saved import saved_config
 from cdd_jax.distill.sampling import few_step_sample
 from cdd_jax.inference.student import Student, StudentFolderError, load_student, save_student
-from cdd_jax.inference.tiling import make_grid, noise_tiles, seam_ratio
-from cdd_jax.inference.upscaler import Upscaler
+from cdd_jax.inference.tiling import (
+    Blender,
+    make_grid,
+    noise_tiles,
+    pad_to_canvas,
+    reflect_index,
+    seam_ratio,
+)
+from cdd_jax.inference.upscaler import Upscaler, condition_rows
 from cdd_jax.train.student_folder import student_info
 from cdd_jax.upscale import upscale_files
 
@@ -132,6 +139,54 @@ def test_grid_covers_the_image_and_weights_sum_to_one():
     np.testing.assert_allclose(wsum, 1.0, atol=1e-6)
     with pytest.raises(ValueError, match="multiple of 4"):
         make_grid(50, 37, 18, 4, align=4)
+
+
+def test_reflect_index_is_numpy_reflect_padding():
+    for n in (1, 2, 3, 7):
+        wide = np.arange(-4 * n - 3, 5 * n + 4)
+        padded = np.pad(np.arange(n), (4 * n + 3, 4 * n + 4), mode="reflect")
+        np.testing.assert_array_equal(reflect_index(wide, n), padded)
+
+
+@pytest.mark.parametrize("h, w, tile, overlap, offset", [
+    (1, 1, 16, 4, (0, 0)), (9, 13, 16, 4, (8, 4)), (37, 5, 32, 8, (0, 12)), (6, 30, 8, 0, (4, 0)),
+])
+def test_condition_bands_equal_the_whole_padded_condition(h, w, tile, overlap, offset):
+    """Each row of tiles' condition, made from a few input rows, equals the rows of the whole
+    image upsampled, clipped, scaled and reflect-padded (bit for bit; values outside [0, 1] in
+    the input exercise the clip)."""
+    lr = np.random.default_rng(h * w).random((h, w, 3), dtype=np.float32) * 1.2 - 0.1
+    grid = make_grid(4 * h, 4 * w, tile, overlap, align=4, offset=offset)
+    whole = cv2.resize(lr, (4 * w, 4 * h), interpolation=cv2.INTER_CUBIC).reshape(4 * h, 4 * w, 3)
+    canvas = pad_to_canvas(np.clip(whole, 0, 1) * np.float32(2) - np.float32(1), grid)
+    for r in range(grid.ny):
+        y = r * grid.stride
+        np.testing.assert_array_equal(condition_rows(lr, grid, y, 4), canvas[y:y + tile])
+
+
+def test_row_by_row_blending_equals_blending_the_whole_canvas():
+    """Random tiles blended by `Blender` (a band of one row of tiles) against the whole-canvas
+    weighted sum divided by the summed weight, computed here in the same order: identical."""
+    grid = make_grid(70, 45, 16, 4, align=4, offset=(4, 8))
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((len(grid), 16, 16, 2)).astype(np.float32)
+    acc = np.zeros((*grid.canvas_shape, 2), np.float32)
+    wsum = np.zeros(grid.canvas_shape, np.float32)
+    blender, out = Blender(grid, 2), np.full((70, 45, 2), np.nan, np.float32)
+    for i, (y, x) in enumerate(grid.origins()):
+        acc[y:y + 16, x:x + 16] += grid.weights(i)[..., None] * values[i]
+        wsum[y:y + 16, x:x + 16] += grid.weights(i)
+        if i > 0 and i % grid.nx == 0:
+            y0, rows = blender.finish_row()
+            out[y0:y0 + len(rows)] = rows
+        blender.add(i, (y, x), values[i])
+    y0, rows = blender.finish_row()
+    out[y0:y0 + len(rows)] = rows
+    (top, _), (left, _) = grid.pads
+    ref = (acc / wsum[..., None])[top:top + 70, left:left + 45]
+    np.testing.assert_array_equal(out, ref)
+    with pytest.raises(ValueError, match="grid's order"):
+        Blender(grid, 2).add(grid.nx, grid.origins()[grid.nx], values[0])
 
 
 def test_noise_is_one_field_whatever_the_tile():

@@ -116,6 +116,17 @@ def pad_to_canvas(image: np.ndarray, grid: Grid) -> np.ndarray:
     return np.pad(image, (*grid.pads, (0, 0)), mode="reflect")
 
 
+def reflect_index(index: np.ndarray, n: int) -> np.ndarray:
+    """Where `np.pad(..., mode="reflect")` reads position `index` (any integer, in or outside
+    [0, n)) of an axis of length `n`: mirrored at the end samples, which are not repeated."""
+    index = np.asarray(index)
+    if n == 1:
+        return np.zeros_like(index)
+    period = 2 * (n - 1)
+    i = np.mod(index, period)
+    return np.where(i < n, i, period - i)
+
+
 def noise_tiles(key: jax.Array, origins: jax.Array, tile: int, channels: int) -> jax.Array:
     """(B, tile, tile, C) crops of the global noise plane at `origins` (B, 2) (global output
     coordinates, may be negative). Jittable; the block indices are traced."""
@@ -140,27 +151,48 @@ def noise_tiles(key: jax.Array, origins: jax.Array, tile: int, channels: int) ->
 
 
 class Blender:
-    """Accumulates weighted tiles on the canvas; `result()` is the blended image."""
+    """Blends the tiles one row of tiles at a time, in a band of `tile` canvas rows: tiles are
+    added in the grid's (row-major) order; after the last tile of a row, `finish_row` divides
+    the rows that no later tile reaches by their summed weight and hands them out. Memory: the
+    band, whatever the image's height. Per pixel the same float32 sums in the same order as
+    blending the whole canvas at once, so the result does not depend on the banding."""
 
     def __init__(self, grid: Grid, channels: int):
         self.grid = grid
-        self.acc = np.zeros((*grid.canvas_shape, channels), np.float32)
-        self.wsum = np.zeros(grid.canvas_shape, np.float32)
+        width = grid.canvas_shape[1]
+        self.acc = np.zeros((grid.tile, width, channels), np.float32)
+        self.wsum = np.zeros((grid.tile, width), np.float32)
+        self.top = 0  # Canvas row of the band's first row.
 
     def add(self, index: int, origin: np.ndarray, tile_values: np.ndarray) -> None:
-        w = self.grid.weights(index)
         y, x = int(origin[0]), int(origin[1])
+        if y != self.top:
+            raise ValueError(f"tile {index} starts at canvas row {y}, not in the current row of "
+                             f"tiles (row {self.top}): add tiles in the grid's order")
+        w = self.grid.weights(index)
         t = self.grid.tile
-        self.acc[y:y + t, x:x + t] += w[..., None] * tile_values
-        self.wsum[y:y + t, x:x + t] += w
+        self.acc[:, x:x + t] += w[..., None] * tile_values
+        self.wsum[:, x:x + t] += w
 
-    def result(self) -> np.ndarray:
-        """The blended image (a view of the accumulator, divided in place: call it once)."""
-        (top, _), (left, _) = self.grid.pads
+    def finish_row(self) -> tuple[int, np.ndarray]:
+        """(first image row, blended image rows (n, W, C)) that the row of tiles just added
+        completes (the last row of tiles completes the rest); n may be 0 in the padding."""
         g = self.grid
-        acc = self.acc[top:top + g.height, left:left + g.width]
-        wsum = self.wsum[top:top + g.height, left:left + g.width]
-        return np.divide(acc, wsum[..., None], out=acc)
+        last = self.top + g.stride >= g.canvas_shape[0] - g.overlap
+        done = g.tile if last else g.stride
+        (pad_top, _), (left, _) = g.pads
+        lo = max(self.top, pad_top)
+        hi = min(self.top + done, pad_top + g.height)
+        rows = np.divide(self.acc[lo - self.top:max(hi, lo) - self.top, left:left + g.width],
+                         self.wsum[lo - self.top:max(hi, lo) - self.top, left:left + g.width,
+                                   None])
+        keep = g.tile - done
+        self.acc[:keep] = self.acc[done:]
+        self.acc[keep:] = 0.0
+        self.wsum[:keep] = self.wsum[done:]
+        self.wsum[keep:] = 0.0
+        self.top += done
+        return lo - pad_top, rows
 
 
 def seam_ratio(image: np.ndarray, grid: Grid) -> float:

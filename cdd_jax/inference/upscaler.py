@@ -7,9 +7,11 @@ The condition is the input upsampled by bicubic interpolation over the WHOLE ima
 [-1, 1], as the training pairs' `cond` (`data/degradations/transform.py`); the tiles are crops of
 it, their noise crops of one noise plane (`tiling.py`). Every tile runs the student's K-step
 sampler (`few_step_sample`, the sampler the job evaluated) on its own; the outputs are blended.
-Memory: the network sees `tile_batch` tiles at a time; the condition, the output and the blend
-accumulators are whole-image float32 arrays (about 28 bytes per output pixel at the peak, the
-arithmetic on them done in place).
+Memory: the network sees `tile_batch` tiles at a time; the condition is made and the tiles are
+blended one row of tiles at a time (bands of the tile's height, `condition_rows`, `Blender`), so
+the working memory does not grow with the image's height; what does grow with the image is the
+output itself (float32 while it is assembled, 12 bytes per output pixel, then the returned
+array).
 Colours: the values are taken as sRGB (embedded ICC profiles are not applied). Greyscale stays
 greyscale (the network sees it as grey RGB; the output is the mean of its channels); alpha is
 upscaled separately by bicubic interpolation.
@@ -27,12 +29,36 @@ from tqdm.auto import tqdm
 
 from cdd_jax.distill.sampling import RENOISE, few_step_sample
 from cdd_jax.inference.student import Student, load_student
-from cdd_jax.inference.tiling import Blender, make_grid, noise_tiles, pad_to_canvas
+from cdd_jax.inference.tiling import Blender, Grid, make_grid, noise_tiles, reflect_index
 
 
 def default_overlap(tile: int, scale: int) -> int:
     """A quarter of the tile, rounded down to a multiple of the scale."""
     return tile // 4 // scale * scale
+
+
+def condition_rows(lr: np.ndarray, grid: Grid, y0: int, scale: int) -> np.ndarray:
+    """Canvas rows [y0, y0 + tile) of the condition, all canvas columns: `lr` upsampled by cv2
+    bicubic, clipped to [0, 1], mapped to [-1, 1] and reflect-padded to the canvas, exactly as
+    if the whole image were upsampled and padded (`pad_to_canvas`), but computed from the few
+    low-resolution rows these output rows depend on (bicubic reads 2 input rows either side;
+    3 are taken). Memory: a band of the tile's height, whatever the image's."""
+    (top, _), (left, _) = grid.pads
+    rows = reflect_index(np.arange(y0, y0 + grid.tile) - top, grid.height)
+    cols = reflect_index(np.arange(grid.canvas_shape[1]) - left, grid.width)
+    a = max(int(rows.min()) // scale - 3, 0)
+    b = min(int(rows.max()) // scale + 4, lr.shape[0])
+    up = cv2.resize(lr[a:b], (grid.width, (b - a) * scale), interpolation=cv2.INTER_CUBIC)
+    band = up.reshape((b - a) * scale, grid.width, -1)[rows - a * scale][:, cols]
+    np.clip(band, 0.0, 1.0, out=band)
+    band *= np.float32(2.0)
+    band -= np.float32(1.0)
+    return band
+
+
+def _emit(out: np.ndarray, finished: tuple[int, np.ndarray]) -> None:
+    y0, rows = finished
+    out[y0:y0 + len(rows)] = rows
 
 
 class Upscaler:
@@ -91,32 +117,33 @@ class Upscaler:
         h, w = rgb.shape[:2]
         lr = np.ascontiguousarray(rgb, dtype=np.float32)
         grid = make_grid(h * s, w * s, t, self.overlap, align=s, offset=offset)
-        cond = cv2.resize(lr, (w * s, h * s), interpolation=cv2.INTER_CUBIC)
-        cond = cond.reshape(h * s, w * s, 3)
-        np.clip(cond, 0.0, 1.0, out=cond)  # In place: whole-image arrays are the memory that
-        cond *= np.float32(2.0)  # grows with the image (the network's is bounded by tile_batch).
-        cond -= np.float32(1.0)
-        canvas = pad_to_canvas(cond, grid)
-        del cond
         origins = grid.origins()
         to_global = np.array([grid.start_y, grid.start_x], np.int32)
         key = jax.random.key(seed)
         sample = functools.partial(self._sample, steps=int(steps or self.default_steps),
                                    renoise=renoise or self.renoise)
-        blender = Blender(grid, 3)
+        out = np.empty((h * s, w * s, 3), np.float32)
+        blender, bands, row = Blender(grid, 3), {}, 0
         n, tb = len(grid), self.tile_batch
         with tqdm(total=n, desc=desc, unit="tile", disable=not self.progress, leave=False) as bar:
             for lo in range(0, n, tb):
                 idx = np.arange(lo, min(lo + tb, n))
                 take = np.concatenate([idx, np.full(tb - len(idx), idx[-1])])  # A full batch.
-                tiles = np.stack([canvas[y:y + t, x:x + t] for y, x in origins[take]])
-                out = np.asarray(sample(self.student.params, tiles, origins[take] + to_global,
-                                        key))
+                for r in np.unique(take // grid.nx):
+                    if r not in bands:
+                        bands[r] = condition_rows(lr, grid, r * grid.stride, s)
+                tiles = np.stack([bands[i // grid.nx][:, x:x + t] for i, (_, x) in
+                                  zip(take, origins[take], strict=True)])
+                values = np.asarray(sample(self.student.params, tiles,
+                                           origins[take] + to_global, key))
                 for j, i in enumerate(idx):
-                    blender.add(int(i), origins[i], out[j])
+                    while i // grid.nx > row:  # The previous row of tiles is complete.
+                        _emit(out, blender.finish_row())
+                        bands.pop(row, None)
+                        row += 1
+                    blender.add(int(i), origins[i], values[j])
                 bar.update(len(idx))
-        del canvas
-        out = blender.result()
+        _emit(out, blender.finish_row())
         out += np.float32(1.0)
         out /= np.float32(2.0)
         return np.clip(out, 0.0, 1.0, out=out)
@@ -150,5 +177,6 @@ class Upscaler:
             alpha = cv2.resize(np.ascontiguousarray(f[..., -1]), (w * s, h * s),
                                interpolation=cv2.INTER_CUBIC).reshape(h * s, w * s, 1)
             out = np.concatenate([out, np.clip(alpha, 0.0, 1.0)], axis=2)
-        result = np.round(out * top).astype(image.dtype)
+        out *= top  # In place: whole-image float arrays are what grows with the image.
+        result = np.round(out, out=out).astype(image.dtype)
         return result[..., 0] if squeeze else result

@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-SHELL_SCRIPTS = ["slurm.sbatch", "tpu_pod.sh"]
+SHELL_SCRIPTS = ["slurm.sbatch", "tpu_pod.sh", "make_teacher.sh", "make_student.sh"]
 
 # Parses each argv with cdd_jax.main's real flags, in a fresh process whose cwd is the repo root (so
 # relative config paths resolve as they would in a launched job). ml_collections reads config

@@ -5,7 +5,8 @@
 
 The condition is the input upsampled by bicubic interpolation over the WHOLE image and mapped to
 [-1, 1], as the training pairs' `cond` (`data/degradations/transform.py`); the tiles are crops of
-it, their noise crops of one noise plane (`tiling.py`). Every tile runs the student's K-step
+it, their noise crops of one noise plane (`cdd_jax.evaluate.tiling`, whose `upscale_tiled` is the
+tiled path itself, shared with the full-image evaluations). Every tile runs the student's K-step
 sampler (`few_step_sample`, the sampler the job evaluated) on its own; the outputs are blended.
 Memory: the network sees `tile_batch` tiles at a time; the condition, the output and the blend
 accumulators are whole-image float32 arrays (about 28 bytes per output pixel at the peak, the
@@ -17,22 +18,16 @@ upscaled separately by bicubic interpolation.
 
 from __future__ import annotations
 
-import functools
-
 import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cdd_jax.distill.sampling import RENOISE, few_step_sample
+from cdd_jax.distill.sampling import RENOISE
+from cdd_jax.evaluate.sr import student_sample
+from cdd_jax.evaluate.tiling import default_overlap, make_grid, tile_sampler, upscale_tiled
 from cdd_jax.inference.student import Student, load_student
-from cdd_jax.inference.tiling import Blender, make_grid, noise_tiles, pad_to_canvas
-
-
-def default_overlap(tile: int, scale: int) -> int:
-    """A quarter of the tile, rounded down to a multiple of the scale."""
-    return tile // 4 // scale * scale
 
 
 class Upscaler:
@@ -58,7 +53,7 @@ class Upscaler:
         self.progress = progress
         make_grid(self.tile, self.tile, self.tile, self.overlap, align=self.scale)  # Checks.
         self._check_tile()
-        self._sample = jax.jit(self._sample_tiles, static_argnames=("steps", "renoise"))
+        self._samplers: dict = {}
 
     @classmethod
     def load(cls, path: str | None = None, **kwargs) -> Upscaler:
@@ -75,51 +70,28 @@ class Upscaler:
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); use a "
                              f"multiple of the training crop size {self.student.crop_size}") from e
 
-    def _sample_tiles(self, params, cond, origins, key, *, steps: int, renoise: str):
-        noise = lambda i: noise_tiles(jax.random.fold_in(key, i), origins, self.tile, 3)
-        s = self.student
-        return few_step_sample(s.apply_fn, params, cond, key, schedule=s.schedule,
-                               num_steps=steps, grid=s.config.evaluate.grid, renoise=renoise,
-                               noise=noise, prediction_type=s.config.diffusion.prediction_type)
+    def _sampler(self, steps: int, renoise: str):
+        """The tile sampler of K = `steps` with `renoise` (compiled once each)."""
+        if (steps, renoise) not in self._samplers:
+            s = self.student
+            self._samplers[(steps, renoise)] = tile_sampler(
+                student_sample(s.config, s.apply_fn, s.schedule, steps, renoise), self.tile)
+        return self._samplers[(steps, renoise)]
 
     def upscale_rgb(self, rgb: np.ndarray, *, steps: int | None = None, seed: int = 0,
                     renoise: str | None = None, offset: tuple[int, int] = (0, 0),
                     desc: str | None = None) -> np.ndarray:
-        """(H, W, 3) float32 in [0, 1] -> (sH, sW, 3) float32 in [0, 1]. `offset` shifts the
-        tile grid (output px, multiples of the scale); the noise does not move with it."""
+        """(H, W, 3) float32 in [0, 1] -> (sH, sW, 3) float32 in [0, 1] (`upscale_tiled`).
+        `offset` shifts the tile grid (output px, multiples of the scale); the noise does not
+        move with it."""
         s, t = self.scale, self.tile
         h, w = rgb.shape[:2]
-        lr = np.ascontiguousarray(rgb, dtype=np.float32)
-        grid = make_grid(h * s, w * s, t, self.overlap, align=s, offset=offset)
-        cond = cv2.resize(lr, (w * s, h * s), interpolation=cv2.INTER_CUBIC)
-        cond = cond.reshape(h * s, w * s, 3)
-        np.clip(cond, 0.0, 1.0, out=cond)  # In place: whole-image arrays are the memory that
-        cond *= np.float32(2.0)  # grows with the image (the network's is bounded by tile_batch).
-        cond -= np.float32(1.0)
-        canvas = pad_to_canvas(cond, grid)
-        del cond
-        origins = grid.origins()
-        to_global = np.array([grid.start_y, grid.start_x], np.int32)
-        key = jax.random.key(seed)
-        sample = functools.partial(self._sample, steps=int(steps or self.default_steps),
-                                   renoise=renoise or self.renoise)
-        blender = Blender(grid, 3)
-        n, tb = len(grid), self.tile_batch
+        n = len(make_grid(h * s, w * s, t, self.overlap, align=s, offset=offset))
+        sample = self._sampler(int(steps or self.default_steps), renoise or self.renoise)
         with tqdm(total=n, desc=desc, unit="tile", disable=not self.progress, leave=False) as bar:
-            for lo in range(0, n, tb):
-                idx = np.arange(lo, min(lo + tb, n))
-                take = np.concatenate([idx, np.full(tb - len(idx), idx[-1])])  # A full batch.
-                tiles = np.stack([canvas[y:y + t, x:x + t] for y, x in origins[take]])
-                out = np.asarray(sample(self.student.params, tiles, origins[take] + to_global,
-                                        key))
-                for j, i in enumerate(idx):
-                    blender.add(int(i), origins[i], out[j])
-                bar.update(len(idx))
-        del canvas
-        out = blender.result()
-        out += np.float32(1.0)
-        out /= np.float32(2.0)
-        return np.clip(out, 0.0, 1.0, out=out)
+            return upscale_tiled(rgb, sample, self.student.params, scale=s, tile=t,
+                                 overlap=self.overlap, tile_batch=self.tile_batch, seed=seed,
+                                 offset=offset, on_tiles=bar.update)
 
     def __call__(self, image: np.ndarray, steps: int | None = None, seed: int = 0, *,
                  renoise: str | None = None, offset: tuple[int, int] = (0, 0),

@@ -1,5 +1,7 @@
 """Tiles over an output image of any size: a regular grid of overlapping tiles, smooth blending
-weights, and Gaussian noise that is ONE field over the whole output.
+weights, Gaussian noise that is ONE field over the whole output, and `upscale_tiled`, the tiled
+path every whole-image result goes through (`cdd_jax.Upscaler`, `python -m cdd_jax.evaluate` and
+the jobs' photo evaluation, `cdd_jax.evaluate.photos`).
 
 Design (BUILD_NOTES.md, "Upscaling"):
 - The grid: tiles of `tile` px every `stride = tile - overlap` px, the first one starting
@@ -21,10 +23,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# sample(params, cond, rng, noise) -> x: a sampler of conditional tiles (NHWC in [-1, 1]) taking its
+# Gaussian draws from `noise(i)` (`cdd_jax.distill.sampling.NoiseFn`).
+TileSampleFn = Callable[[Any, jax.Array, jax.Array, Callable[[int], jax.Array]], jax.Array]
 
 NOISE_BLOCK = 16  # Side of the blocks the noise plane is drawn in (any value: a speed matter).
 _BLOCK_OFFSET = 1 << 20  # Makes block indices of the padding (negative) non-negative.
@@ -185,3 +194,63 @@ def seam_ratio(image: np.ndarray, grid: Grid) -> float:
     if seam.size == 0 or rest.size == 0:
         raise ValueError("the grid has no tile border inside the image (one tile): no seams")
     return float(seam.mean() / rest.mean())
+
+
+def default_overlap(tile: int, scale: int) -> int:
+    """A quarter of the tile, rounded down to a multiple of the scale."""
+    return tile // 4 // scale * scale
+
+
+def tile_sampler(sample: TileSampleFn, tile: int, channels: int = 3):
+    """jit(params, cond_tiles, origins, key) -> x: `sample` run on a batch of tiles whose draws are
+    crops at `origins` (global output coordinates) of the one noise field of `key`
+    (`noise_tiles`; draw i folds i into the key)."""
+
+    def run(params, cond, origins, key):
+        noise = lambda i: noise_tiles(jax.random.fold_in(key, i), origins, tile, channels)
+        return sample(params, cond, key, noise)
+
+    return jax.jit(run)
+
+
+def upscale_tiled(rgb: np.ndarray, sample, params, *, scale: int, tile: int, overlap: int,
+                  tile_batch: int, seed: int = 0, offset: tuple[int, int] = (0, 0),
+                  on_tiles: Callable[[int], None] | None = None) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1] -> (sH, sW, 3) float32 in [0, 1] through tiles.
+
+    The condition is `rgb` upsampled by cv2 bicubic over the WHOLE image, clipped and mapped to
+    [-1, 1] (as the training pairs' `cond`), reflect-padded to the grid's canvas; `sample` (a
+    `tile_sampler`) sees `tile_batch` tiles per call (the last batch padded by repeating a tile:
+    one compilation) and the outputs are blended (`Blender`). `offset` shifts the tile grid
+    (output px, multiples of the scale); the noise does not move with it. `on_tiles(n)`: called
+    after each batch with the number of tiles done (a progress bar)."""
+    s, t = scale, tile
+    h, w = rgb.shape[:2]
+    lr = np.ascontiguousarray(rgb, dtype=np.float32)
+    grid = make_grid(h * s, w * s, t, overlap, align=s, offset=offset)
+    cond = cv2.resize(lr, (w * s, h * s), interpolation=cv2.INTER_CUBIC)
+    cond = cond.reshape(h * s, w * s, 3)
+    np.clip(cond, 0.0, 1.0, out=cond)  # In place: whole-image arrays are the memory that
+    cond *= np.float32(2.0)  # grows with the image (the network's is bounded by tile_batch).
+    cond -= np.float32(1.0)
+    canvas = pad_to_canvas(cond, grid)
+    del cond
+    origins = grid.origins()
+    to_global = np.array([grid.start_y, grid.start_x], np.int32)
+    key = jax.random.key(seed)
+    blender = Blender(grid, 3)
+    n, tb = len(grid), tile_batch
+    for lo in range(0, n, tb):
+        idx = np.arange(lo, min(lo + tb, n))
+        take = np.concatenate([idx, np.full(tb - len(idx), idx[-1])])  # A full batch.
+        tiles = np.stack([canvas[y:y + t, x:x + t] for y, x in origins[take]])
+        out = np.asarray(sample(params, tiles, origins[take] + to_global, key))
+        for j, i in enumerate(idx):
+            blender.add(int(i), origins[i], out[j])
+        if on_tiles is not None:
+            on_tiles(len(idx))
+    del canvas
+    out = blender.result()
+    out += np.float32(1.0)
+    out /= np.float32(2.0)
+    return np.clip(out, 0.0, 1.0, out=out)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 import cv2
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -194,8 +195,10 @@ def tiled_methods(config: ml_collections.ConfigDict, methods: Mapping[tuple, tup
             out[key] = None
         elif not pcfg.max_steps or key[2] <= pcfg.max_steps:
             sample, params = method
+            # On the host: one device runs the tiles, whatever the training mesh sharded.
             out[key] = functools.partial(_upscale, sample=tile_sampler(sample, tiles["tile"]),
-                                         params=params, scale=scale, seed=pcfg.seed, **tiles)
+                                         params=jax.device_get(params), scale=scale,
+                                         seed=pcfg.seed, **tiles)
     return out
 
 

@@ -30,16 +30,18 @@ def test_crop_origins_are_centred_evenly_spaced_and_on_the_scale_grid():
         crop_origins(100, 600, 128, 1, 4)
 
 
-def test_photo_sets_are_the_named_splits_with_a_seeded_degradation():
+def test_photo_sets_are_the_named_splits_with_a_seeded_degradation(tmp_path):
     from cdd_jax.config.presets import sr_config
+    from cdd_jax.data.bundled import load_raw_photo
+    from cdd_jax.inference.evaluate import image_pairs, load_pair
 
     cfg = sr_config()  # realesrgan degradation, 128 px centre crops
     pcfg = cfg.evaluate.photos
     assert tuple(pcfg.splits) == ("validation", "test") and pcfg.size == 128
     val = photo_set("validation", pcfg, cfg.degradation)
     test = photo_set("test", pcfg, cfg.degradation)
-    assert [p.name.split("_y")[0] for p in val] == list(VALIDATION_IMAGES)
-    assert [p.name.split("_y")[0] for p in test] == list(TEST_IMAGES)
+    assert [p.name.split("_y")[0] for p in val] == sorted(VALIDATION_IMAGES)  # the command's order
+    assert [p.name.split("_y")[0] for p in test] == sorted(TEST_IMAGES)
     assert not ({p.name.split("_y")[0] for p in val + test} & set(TRAIN_IMAGES))
     for p in val + test:
         assert p.hr.shape == (128, 128, 3) and p.lr.shape == (32, 32, 3)
@@ -51,8 +53,15 @@ def test_photo_sets_are_the_named_splits_with_a_seeded_degradation():
     assert not np.array_equal(other[0].lr, val[0].lr)
     # Whole photos: cropped to a multiple of the scale, nothing else.
     pcfg.size = 0
-    coffee = photo_set("validation", pcfg, cfg.degradation)[1]
-    assert coffee.hr.shape == (400, 600, 3) and coffee.lr.shape == (100, 150, 3)
+    whole = photo_set("validation", pcfg, cfg.degradation)
+    assert whole[0].hr.shape == (400, 600, 3) and whole[0].lr.shape == (100, 150, 3)  # coffee
+    # ... and the inputs `python -m cdd_jax.evaluate` makes from a folder of the same photos.
+    for name in VALIDATION_IMAGES:
+        Image.fromarray(load_raw_photo(name)).save(tmp_path / f"{name}.png")
+    for index, (name, hr_path, _) in enumerate(image_pairs(str(tmp_path), None)):
+        hr, lr = load_pair(hr_path, None, 4, cfg.degradation, pcfg.seed, index)
+        assert whole[index].name == name
+        assert np.array_equal(whole[index].hr, hr) and np.array_equal(whole[index].lr, lr)
     # Tiles as the Upscaler resolves them; 0 = all tiles of one crop per network call.
     assert tile_settings(cfg.evaluate.photos, 32, 4) == {"tile": 32, "overlap": 8,
                                                           "tile_batch": 16}

@@ -107,11 +107,13 @@ def crop_origins(height: int, width: int, size: int, grid: int, scale: int) -> l
 
 
 def photo_set(split: str, pcfg: ml_collections.ConfigDict, degradation) -> list[Photo]:
-    """The crops (or whole photos, size 0) of the bundled `split` with their degraded inputs;
-    image index i (for the degradation's seed) counts the crops in order."""
+    """The crops (or whole photos, size 0) of the bundled `split` with their degraded inputs.
+    Photos in name order and image index i (the degradation's seed) counting the crops, so that
+    whole photos get the inputs `python -m cdd_jax.evaluate --hr=DIR` makes from a folder of them
+    (benchmarks/heldout_photos.py writes one)."""
     s = int(degradation.scale)
     hrs = []
-    for name in SPLITS[split]:
+    for name in sorted(SPLITS[split]):
         image = load_bundled_image(name)
         h, w = image.shape[0] // s * s, image.shape[1] // s * s
         if not pcfg.size:
@@ -213,7 +215,8 @@ def protocol_text(config: ml_collections.ConfigDict, split: str) -> str:
     t = tile_settings(pcfg, config.data.crop_size, scale)
     what = (f"the whole photos (cropped to a multiple of {scale})" if not pcfg.size else
             f"{pcfg.crop_grid}x{pcfg.crop_grid} crop(s) of {pcfg.size} px per photo")
-    return (f"x{scale}; bundled {split} photos ({', '.join(SPLITS[split])}), {what}; LR made by "
+    names = ", ".join(sorted(SPLITS[split]))
+    return (f"x{scale}; bundled {split} photos ({names}), {what}; LR made by "
             f"the degradation preset {config.degradation.preset!r} with the generator seeded by "
             f"({pcfg.seed}, image index); every method through the tiled path of "
             f"cdd_jax.Upscaler (tiles of {t['tile']} px, overlap {t['overlap']}, "

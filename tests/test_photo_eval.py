@@ -156,3 +156,24 @@ def test_sr_job_photo_rows_equal_the_evaluate_command_on_the_same_images(tmp_pat
             assert float(match[0]["value"]) == float(r["value"]), (r, match[0])
             compared += 1
     assert compared == 2 * 3 * (len(renoise) + len(student_plan(config.evaluate)))
+
+
+def test_photo_settings_are_validated():
+    from cdd_jax.config.presets import sd_config, sr_config
+    from cdd_jax.config.validate import validate_config
+
+    cfg = sr_config("tiny")
+    assert tuple(cfg.evaluate.photos.splits) == ()  # the tiny preset evaluates no photos
+    cfg.evaluate.photos.splits = ("validation", "test")
+    validate_config(cfg)
+    for key, value, message in (("size", 100, "at least 128"), ("size", 130, "multiple of"),
+                                ("splits", ("train",), "splits"), ("crop_grid", 0, "crop_grid"),
+                                ("tile", 160, "smaller than one tile")):
+        bad = cfg.copy_and_resolve_references()
+        bad.evaluate.photos[key] = value
+        with pytest.raises(ValueError, match=message):
+            validate_config(bad)
+    latent = sd_config("tiny")
+    latent.evaluate.photos.splits = ("test",)
+    with pytest.raises(ValueError, match="pixel-space students only"):
+        validate_config(latent)

@@ -124,6 +124,7 @@ def _distillation(variant: str) -> ml_collections.ConfigDict:
         c.control.cond_embed_ch = (32, 64, 128)
         c.distill.num_grid_steps = 50
         c.evaluate.metrics = ("psnr", "ssim", "lpips_alex", "lpips_vgg")
+        c.evaluate.photos.size = 0  # Whole photos: 256 px tiles do not fit 128 px crops.
         c.train.num_steps = 100_000
     return c
 

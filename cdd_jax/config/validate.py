@@ -79,7 +79,12 @@ def _validate_distillation(config: ml_collections.ConfigDict) -> None:
             f"control.anchor_factor {ctl.anchor_factor} must equal degradation.scale "
             f"{config.degradation.scale} and divide data.crop_size {config.data.crop_size} "
             "when the low-frequency anchor is on")
-    if config.evaluate.photos.splits and config.model.family == "unet2d_condition":
+    photos = config.evaluate.photos
+    if photos.splits and photos.size and photos.size < (photos.tile or config.data.crop_size):
+        raise ValueError(f"evaluate.photos.size={photos.size} is smaller than one tile "
+                         f"({photos.tile or config.data.crop_size} px: evaluate.photos.tile, or "
+                         "data.crop_size); use larger crops or size=0 (whole photos)")
+    if photos.splits and config.model.family == "unet2d_condition":
         raise ValueError("evaluate.photos runs pixel-space students only (the tiled path of "
                          "cdd_jax.Upscaler); set evaluate.photos.splits=() for a latent student")
     if config.stage == "table1" and config.model.family == "unet2d_condition":

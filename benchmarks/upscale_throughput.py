@@ -175,7 +175,7 @@ def run(args) -> dict:
 
 
 def _grid(up, w, h):
-    from cdd_jax.inference.tiling import make_grid
+    from cdd_jax.evaluate.tiling import make_grid
 
     return make_grid(h, w, up.tile, up.overlap, align=up.scale)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from cdd_jax.inference.tiling import make_grid, seam_ratio
+from cdd_jax.evaluate.tiling import make_grid, seam_ratio
 from cdd_jax.inference.upscaler import Upscaler
 
 # Bounds (measured values in BUILD_NOTES.md section 12, "Seams of the shipped student").

@@ -661,3 +661,99 @@ def test_tiny_table_end_to_end_and_resume(tmp_path, monkeypatch):
     table1.run_table1(cfg, workdir)
     assert calls == [os.path.join(seed_dir, "pe_codi")]
     assert os.path.isdir(os.path.join(ckdir, str(cfg.train.num_steps)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Photo results per row (evaluate.photos): stored in eval.json, old rows evaluated from their
+# checkpoints (never retrained), aggregated per split, claims on the chosen split
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("full", [
+    False,  # codi at K = 1 only: ~40 s at load 5
+    pytest.param(True, marks=pytest.mark.slow),  # + GD's last run, other settings: ~85 s
+])
+def test_rows_without_photo_results_are_evaluated_from_their_checkpoints_not_retrained(
+    tmp_path, monkeypatch, full
+):
+    from cdd_jax.evaluate.photos import evaluate_photos
+
+    stub = _StubTraining(monkeypatch)
+    cfg = presets.table1_config("tiny")  # photos off, as every row of before the photo evaluation
+    cfg.table1.rows = ("bicubic", "gd", "codi") if full else ("bicubic", "codi")
+    cfg.table1.codi_steps = (1, 4) if full else (1,)
+    cfg.train.num_steps = 6  # GD distillation-first: 2 + 2 + 2
+    workdir = str(tmp_path)
+    rows0 = table1.run_table1(cfg, workdir)
+    seed_dir = os.path.join(workdir, "seed0")
+    assert json.load(open(os.path.join(seed_dir, "codi", "eval.json")))["photos"] == {}
+    saved = {"w": jnp.float32(0.5)}
+    loaded = []
+
+    def finished(run_dir, n):
+        loaded.append((os.path.relpath(run_dir, seed_dir), n))
+        return saved
+
+    monkeypatch.setattr(table1, "finished_params", finished)
+    cfg.evaluate.photos.update(splits=("validation",), size=128)
+    cfg.table1.claims_split = "validation"
+    validate_config(cfg)
+    stub.calls.clear()
+    rows = table1.run_table1(cfg, workdir)
+    final_runs = ([("gd/conditional", 2)] if full else []) + [("codi", 6)]
+    assert stub.calls == []  # nothing retrained
+    assert loaded == final_runs  # each row's final checkpoint
+    assert [_key(r) for r in rows] == [_key(r) for r in rows0]
+    assert [r["value"] for r in rows] == [r["value"] for r in rows0]  # crop rows unchanged
+    codi = json.load(open(os.path.join(seed_dir, "codi", "eval.json")))["photos"]["validation"]
+    assert {(r["method"], r["sampler"], r["steps"]) for r in codi["rows"]} == {
+        ("codi", "ddim", k) for k in cfg.table1.codi_steps}
+    assert {r["metric"] for r in codi["rows"]} == {"psnr", "psnr_y", "ssim_y"}
+    assert all(r["n_images"] == 2 for r in codi["rows"])
+    # The stored rows are those of the checkpoint's parameters.
+    cfg_v = cfg.copy_and_resolve_references()
+    direct = evaluate_photos(cfg_v, table1_eval.row_photo_methods(
+        cfg_v, "codi", saved, stub.apply_fn, get_schedule(cfg.diffusion.schedule)))
+    assert [r["value"] for r in direct["validation"]["rows"]] == [r["value"] for r in
+                                                                  codi["rows"]]
+    agg = json.load(open(os.path.join(workdir, "table1_photos_validation.json")))
+    assert {r["method"] for r in agg["rows"]} == set(cfg.table1.rows)
+    assert all(r["n_seeds"] == 1 for r in agg["rows"]) and len(agg["per_seed"]) == len(
+        agg["rows"])
+    md = open(os.path.join(workdir, "table1.md")).read()
+    assert "On the validation photos (x4; bundled validation photos" in md
+    assert "checked on the validation photos (for choosing settings" in md
+    # Nothing missing: nothing loaded or evaluated again.
+    loaded.clear()
+    table1.run_table1(cfg, workdir)
+    assert loaded == [] and stub.calls == []
+    if full:
+        # Other photo settings: re-evaluated from the checkpoints, still not retrained.
+        cfg.evaluate.photos.seed = 1
+        table1.run_table1(cfg, workdir)
+        assert loaded == final_runs and stub.calls == []
+        # A row without eval.json (its training run finished): evaluated on crops and photos.
+        os.remove(os.path.join(seed_dir, "codi", "eval.json"))
+        loaded.clear()
+        table1.run_table1(cfg, workdir)
+        assert loaded == [("codi", 6)] and stub.calls == []
+        assert "validation" in json.load(open(os.path.join(seed_dir, "codi", "eval.json")))[
+            "photos"]
+    # A finished row whose checkpoint is gone: an error, not a silent retraining.
+    monkeypatch.setattr(table1, "finished_params", lambda run_dir, n: None)
+    cfg.evaluate.photos.seed = 2
+    stub.calls.clear()
+    with pytest.raises(ValueError, match="cannot be evaluated without retraining"):
+        table1.run_table1(cfg, workdir)
+    assert stub.calls == []
+
+
+def test_claims_split_must_be_evaluated():
+    cfg = presets.table1_config("default")
+    assert cfg.table1.claims_split == "test" and tuple(cfg.evaluate.photos.splits) == (
+        "validation", "test")
+    cfg.evaluate.photos.splits = ("validation",)
+    with pytest.raises(ValueError, match="claims_split 'test' must be one of"):
+        validate_config(cfg)
+    cfg.table1.claims_split = "crops"
+    validate_config(cfg)

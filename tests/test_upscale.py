@@ -22,16 +22,17 @@ from tiny_student import tiny_student_params
 from cdd_jax.config.presets import sr_config
 from cdd_jax.config.saved import saved_config
 from cdd_jax.distill.sampling import few_step_sample
-from cdd_jax.inference.student import Student, StudentFolderError, load_student, save_student
-from cdd_jax.inference.tiling import (
+from cdd_jax.evaluate.tiling import (
     Blender,
+    condition_rows,
     make_grid,
     noise_tiles,
     pad_to_canvas,
     reflect_index,
     seam_ratio,
 )
-from cdd_jax.inference.upscaler import Upscaler, condition_rows
+from cdd_jax.inference.student import Student, StudentFolderError, load_student, save_student
+from cdd_jax.inference.upscaler import Upscaler
 from cdd_jax.train.student_folder import student_info
 from cdd_jax.upscale import upscale_files
 

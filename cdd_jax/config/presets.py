@@ -118,11 +118,13 @@ def _distillation(variant: str) -> ml_collections.ConfigDict:
         c.evaluate.batch_size = 8
         c.evaluate.num_grid_images = 4
         c.evaluate.metrics = ("psnr", "ssim")  # LPIPS-Alex needs >= 31 px crops.
+        c.evaluate.photos.splits = ()  # Off: the tests switch it on where they check it.
         c.distill.num_grid_steps = 4
     elif variant == "large":
         c.control.cond_embed_ch = (32, 64, 128)
         c.distill.num_grid_steps = 50
         c.evaluate.metrics = ("psnr", "ssim", "lpips_alex", "lpips_vgg")
+        c.evaluate.photos.size = 0  # Whole photos: 256 px tiles do not fit 128 px crops.
         c.train.num_steps = 100_000
     return c
 
@@ -177,6 +179,7 @@ def sd_config(variant: str = "large") -> ml_collections.ConfigDict:
     c.teacher.checkpoint = ""
     c.control.anchor_precision = 0.0  # pixel-space only
     c.evaluate.metrics = ("psnr", "ssim")
+    c.evaluate.photos.splits = ()  # The photo evaluation's tiled path is pixel-space only.
     if variant == "tiny":
         c.control.cond_embed_ch = (8, 8)
         c.data.crop_size = 16
@@ -224,6 +227,7 @@ def table1_config(variant: str = "default") -> ml_collections.ConfigDict:
         c.table1.finetune_ddim_steps = (8, 4)
         c.table1.codi_steps = (1, 4)
         c.table1.plot_metrics = ("psnr", "ssim")
+        c.table1.claims_split = "crops"  # The tiny preset evaluates no photos.
     return c
 
 

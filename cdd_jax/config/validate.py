@@ -63,7 +63,7 @@ def _validate_distillation(config: ml_collections.ConfigDict) -> None:
     validate_control_config(config.control)
     validate_degradation_config(config.degradation, config.data.crop_size)
     validate_distill_config(config.distill)
-    validate_evaluate_config(config.evaluate)
+    validate_evaluate_config(config.evaluate, scale=int(config.degradation.scale))
     validate_teacher_config(config.teacher)
     if config.stage == "table1":
         validate_table1_config(config)
@@ -79,6 +79,14 @@ def _validate_distillation(config: ml_collections.ConfigDict) -> None:
             f"control.anchor_factor {ctl.anchor_factor} must equal degradation.scale "
             f"{config.degradation.scale} and divide data.crop_size {config.data.crop_size} "
             "when the low-frequency anchor is on")
+    photos = config.evaluate.photos
+    if photos.splits and photos.size and photos.size < (photos.tile or config.data.crop_size):
+        raise ValueError(f"evaluate.photos.size={photos.size} is smaller than one tile "
+                         f"({photos.tile or config.data.crop_size} px: evaluate.photos.tile, or "
+                         "data.crop_size); use larger crops or size=0 (whole photos)")
+    if photos.splits and config.model.family == "unet2d_condition":
+        raise ValueError("evaluate.photos runs pixel-space students only (the tiled path of "
+                         "cdd_jax.Upscaler); set evaluate.photos.splits=() for a latent student")
     if config.stage == "table1" and config.model.family == "unet2d_condition":
         raise ValueError("stage 'table1' runs pixel-space teachers only; a latent "
                          "(unet2d_condition) teacher runs with stage 'sr'")

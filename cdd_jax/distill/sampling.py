@@ -32,7 +32,7 @@ GRIDS = ("uniform", "released")
 RENOISE = ("ddim", "fresh")
 # noise(i) -> the i-th Gaussian draw of a sampler, shaped like z: i = 0 is z_T, i >= 1 the fresh
 # re-noising before step i. Given, it replaces the draws from `rng` (e.g. noise that is one field
-# over a whole image cut into tiles, `cdd_jax.inference.tiling`).
+# over a whole image cut into tiles, `cdd_jax.evaluate.tiling`).
 NoiseFn = Callable[[int], jax.Array]
 
 
@@ -155,14 +155,16 @@ def consistency_sample(
     train_steps: int = 50,
     shape: tuple[int, ...] | None = None,
     prediction_type: str = "v_prediction",
+    noise: NoiseFn | None = None,
 ) -> jax.Array:
     """Multistep consistency sampling for the CM baseline: x = f(z, t_k), then re-noise to
-    t_{k+1} with FRESH noise, over the grid's positive times; returns the last f."""
+    t_{k+1} with FRESH noise, over the grid's positive times; returns the last f. `noise`
+    (optional, `NoiseFn`) supplies the Gaussian draws instead of `rng`."""
     timesteps = sampling_grid(grid, num_steps, train_steps)
     rng_start, rng_steps = jax.random.split(rng)
-    z = _start(cond, rng_start, shape)
+    z = _start(cond, rng_start, shape, noise)
     times = [float(t) for t in timesteps if t > cm_cfg.eps_t_min]
     return _renoise_fresh(
         lambda z_t, t: consistency_fn(apply_fn, params, z_t, t, cond, None, schedule=schedule,
                                       cm_cfg=cm_cfg, prediction_type=prediction_type),
-        z, times, schedule, rng_steps)
+        z, times, schedule, rng_steps, noise)

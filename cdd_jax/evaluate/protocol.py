@@ -42,15 +42,15 @@ def ssim_y(a: np.ndarray, b: np.ndarray, border: int = 0) -> float:
 
 
 def image_metrics(sr: np.ndarray, hr: np.ndarray, scale: int, lpips=None) -> dict[str, float]:
-    """{psnr, psnr_y, ssim_y[, lpips_alex]} of a uint8 RGB output against the uint8 RGB ground
-    truth (same size); `lpips`: an `evaluate.metrics.LPIPS` or None."""
+    """{psnr, psnr_y, ssim_y[, lpips_<net>]} of a uint8 RGB output against the uint8 RGB ground
+    truth (same size); `lpips`: an `evaluate.metrics.LPIPS`, a sequence of them, or None."""
     if sr.shape != hr.shape:
         raise ValueError(f"output {sr.shape} and ground truth {hr.shape} differ in size")
     out = {"psnr": psnr(sr, hr, scale), "psnr_y": psnr(y_channel(sr), y_channel(hr), scale),
            "ssim_y": ssim_y(sr, hr, scale)}
-    if lpips is not None:
-        to = lambda x: (np.asarray(x, np.float32)[None] / 127.5 - 1.0)
-        out[f"lpips_{lpips.net}"] = float(lpips(to(sr), to(hr))[0])
+    to = lambda x: (np.asarray(x, np.float32)[None] / 127.5 - 1.0)
+    for net in (() if lpips is None else lpips if isinstance(lpips, (list, tuple)) else (lpips,)):
+        out[f"lpips_{net.net}"] = float(net(to(sr), to(hr))[0])
     return out
 
 

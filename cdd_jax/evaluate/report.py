@@ -19,6 +19,8 @@ REQUIRED_KEYS = ("method", "sampler", "steps", "metric", "value", "seconds_per_i
 _HEADERS = {
     "psnr": "PSNR (dB) ↑",
     "ssim": "SSIM ↑",
+    "psnr_y": "PSNR-Y (dB) ↑",
+    "ssim_y": "SSIM-Y ↑",
     "lpips_alex": "LPIPS-Alex ↓",
     "lpips_vgg": "LPIPS-VGG ↓",
     "lr_psnr": "LR-consistency PSNR (dB) ↑",

@@ -1,6 +1,8 @@
 """Evaluation of a super-resolution student on the held-out crops: PSNR / SSIM / LPIPS of
 bicubic upsampling and of the student at K steps with each re-noising, `eval/results.{json,md}`
-and a comparison grid. Also the `evaluate` config section."""
+and a comparison grid; then the same rows on the bundled photos of `evaluate.photos.splits`
+through the tiled path (`eval/photos_<split>.{json,md}`, `photos_<split>_per_image.csv`;
+`cdd_jax.evaluate.photos`). Also the `evaluate` config section."""
 
 from __future__ import annotations
 
@@ -16,6 +18,12 @@ from cdd_jax.distill.sampling import GRIDS, RENOISE, few_step_sample
 from cdd_jax.evaluate.figures import image_grid
 from cdd_jax.evaluate.harness import MethodSpec, bicubic_method, evaluate_methods
 from cdd_jax.evaluate.metrics import MetricSuite, available_metrics
+from cdd_jax.evaluate.photos import (
+    evaluate_photos,
+    photos_config,
+    validate_photos_config,
+    write_photo_files,
+)
 from cdd_jax.evaluate.report import write_results
 from cdd_jax.models.apply import ApplyFn
 from cdd_jax.parallel.distributed import is_main_process
@@ -38,12 +46,16 @@ def evaluate_config() -> ml_collections.ConfigDict:
     c.metrics = ("psnr", "ssim", "lpips_alex")  # Also available: "lpips_vgg".
     c.batch_size = 16  # Images per evaluation batch.
     c.num_grid_images = 8  # Rows of the PNG comparison grid.
+    # The evaluation on bundled photos at >= 128 px through the tiled path (`evaluate/photos.py`):
+    # by default the validation and test photos' centre crops of 128 px.
+    c.photos = photos_config()
     return c
 
 
-def validate_evaluate_config(cfg: ml_collections.ConfigDict) -> None:
+def validate_evaluate_config(cfg: ml_collections.ConfigDict, scale: int = 4) -> None:
     p = "evaluate."
     checks.check_keys(cfg, evaluate_config(), p)
+    validate_photos_config(cfg.photos, scale, p)
     checks.positive_ints(cfg, "student_steps", prefix=p)
     checks.choice(cfg, "grid", GRIDS, prefix=p)
     checks.subset(cfg, "renoise", RENOISE, prefix=p)
@@ -61,6 +73,26 @@ def student_key(k: int, renoise: str, all_renoise) -> str:
     return f"student_K{k}" + ("" if renoise == all_renoise[0] else f"_{renoise}")
 
 
+def student_sample(config: ml_collections.ConfigDict, apply_fn: ApplyFn, schedule: Schedule,
+                   k: int, renoise: str):
+    """sample(params, cond, rng, noise=None) -> x: the student's K-step sampler as the job
+    evaluates it (`few_step_sample`; `noise`: the Gaussian draws, e.g. one field over tiles)."""
+
+    def sample(params, cond, rng, noise=None):
+        return few_step_sample(apply_fn, params, cond, rng, schedule=schedule, num_steps=k,
+                               grid=config.evaluate.grid, renoise=renoise, noise=noise,
+                               prediction_type=config.diffusion.prediction_type)
+
+    return sample
+
+
+def student_plan(ecfg: ml_collections.ConfigDict) -> list[tuple[str, int, str]]:
+    """(method key, K, re-noising) of every student row: each K with each re-noising, K = 1
+    once (one step never re-noises: the same samples as the first re-noising's)."""
+    return [(student_key(k, r, ecfg.renoise), k, r) for r in ecfg.renoise
+            for k in ecfg.student_steps if k != 1 or r == ecfg.renoise[0]]
+
+
 def student_methods(config: ml_collections.ConfigDict, apply_fn: ApplyFn, params: PyTree,
                     schedule: Schedule, sampler=None) -> dict[str, MethodSpec]:
     """Bicubic and the student at each K and re-noising of `config.evaluate`. `sampler`:
@@ -69,20 +101,26 @@ def student_methods(config: ml_collections.ConfigDict, apply_fn: ApplyFn, params
     ecfg = config.evaluate
     params = jax.device_put(params)
     methods = {"bicubic": bicubic_method()}
-    for renoise in ecfg.renoise:
-        for k in ecfg.student_steps:
-            if k == 1 and renoise != ecfg.renoise[0]:
-                continue  # One step never re-noises: the same samples as the first row's.
-            if sampler is not None:
-                fn = jax.jit(lambda cond, rng, k=k, r=renoise: sampler(params, cond, rng, k, r))
-            else:
-                fn = jax.jit(lambda cond, rng, k=k, r=renoise: few_step_sample(
-                    apply_fn, params, cond, rng, schedule=schedule, num_steps=k,
-                    grid=ecfg.grid, renoise=r,
-                    prediction_type=config.diffusion.prediction_type))
-            methods[student_key(k, renoise, ecfg.renoise)] = MethodSpec(
-                config.distill.objective, f"{renoise}-{ecfg.grid}", k,
-                lambda cond, lq, rng, fn=fn: fn(cond, rng))
+    for key, k, renoise in student_plan(ecfg):
+        if sampler is not None:
+            fn = jax.jit(lambda cond, rng, k=k, r=renoise: sampler(params, cond, rng, k, r))
+        else:
+            sample = student_sample(config, apply_fn, schedule, k, renoise)
+            fn = jax.jit(lambda cond, rng, sample=sample: sample(params, cond, rng))
+        methods[key] = MethodSpec(config.distill.objective, f"{renoise}-{ecfg.grid}", k,
+                                  lambda cond, lq, rng, fn=fn: fn(cond, rng))
+    return methods
+
+
+def student_photo_methods(config: ml_collections.ConfigDict, apply_fn: ApplyFn, params: PyTree,
+                          schedule: Schedule) -> dict[tuple, tuple | None]:
+    """The rows of `student_methods` for `photos.evaluate_photos`: (method, sampler, steps) ->
+    (tile sample function, params), None for bicubic."""
+    ecfg = config.evaluate
+    methods: dict[tuple, tuple | None] = {("bicubic", "none", 0): None}
+    for _, k, renoise in student_plan(ecfg):
+        methods[(config.distill.objective, f"{renoise}-{ecfg.grid}", k)] = (
+            student_sample(config, apply_fn, schedule, k, renoise), params)
     return methods
 
 
@@ -109,4 +147,9 @@ def evaluate_sr(config: ml_collections.ConfigDict, workdir: str, apply_fn: Apply
                             f"{eval_set['image'].shape[0]} crops of "
                             f"{config.data.crop_size} px; timing device: {jax.devices()[0]}")
         image_grid(columns, os.path.join(out, "grid.png"))
+    if ecfg.photos.splits and sampler is None:
+        photos = evaluate_photos(config, student_photo_methods(config, apply_fn, params, schedule))
+        if is_main_process():
+            for split, result in photos.items():
+                write_photo_files(out, split, result, "Super-resolution x4 on bundled photos")
     return list(results)

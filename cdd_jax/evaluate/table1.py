@@ -112,6 +112,10 @@ def table1_section() -> ml_collections.ConfigDict:
     # takes distill.direct_cm.num_teacher_steps DDIM steps of the fine-tuned model).
     c.direct_cm_steps = (4,)
     c.plot_metrics = ("lpips_alex", "psnr")  # Panels of the quality-versus-NFE plot.
+    # Where the report checks the paper's claims: "test" (the bundled test photos: reporting),
+    # "validation" (the validation photos: for choosing settings) or "crops" (the 32 px crops of
+    # the validation photos, the old protocol); a photo split must be in evaluate.photos.splits.
+    c.claims_split = "test"
     return c
 
 
@@ -133,6 +137,10 @@ def validate_table1_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"train.num_steps {config.train.num_steps} leaves no step for each of the "
             f"{phases} GD phases (table1.gd_rounds={tab.gd_rounds}, gd_order={tab.gd_order!r})")
+    splits = ("crops", *config.evaluate.photos.splits)
+    if tab.claims_split not in splits:
+        raise ValueError(f"table1.claims_split {tab.claims_split!r} must be one of {splits} "
+                         "(a photo split must be in evaluate.photos.splits)")
     missing = [m for m in tab.plot_metrics if m not in config.evaluate.metrics]
     if missing or not tab.plot_metrics:
         raise ValueError(
@@ -176,48 +184,66 @@ def gd_plan(config: ml_collections.ConfigDict) -> list[GDPhase]:
     return plan
 
 
+def row_plan(config: ml_collections.ConfigDict, row: str) -> list[tuple[str, int]]:
+    """(sampler, steps) of every method evaluated for `row` (none for bicubic)."""
+    tab = config.table1
+    if row == "bicubic":
+        return []
+    if row == "finetune":
+        return ([("ddim", k) for k in tab.finetune_ddim_steps]
+                + [("dpmpp_2m", k) for k in tab.finetune_dpm_steps])
+    if row in ("cm", "direct_cm"):
+        return [("consistency", k) for k in tab[f"{row}_steps"]]
+    if row == "gd":
+        return [("ddim", tab.gd_student_steps)]
+    if row in ("pe_codi", "codi"):
+        return [("ddim", k) for k in tab[f"{row}_steps"]]
+    raise ValueError(f"unknown table1 row {row!r}; valid: {ROWS}")
+
+
+def row_sample(config: ml_collections.ConfigDict, row: str, sampler: str, k: int, apply_fn,
+               schedule):
+    """sample(params, cond, rng, noise=None) -> x of one method of `row` (`noise`: the Gaussian
+    draws, e.g. one field over tiles; `cdd_jax.distill.sampling.NoiseFn`)."""
+    kw = dict(schedule=schedule, num_steps=k, grid=config.evaluate.grid,
+              prediction_type=config.diffusion.prediction_type)
+    if sampler == "consistency":
+        return lambda p, cond, rng, noise=None: consistency_sample(
+            apply_fn, p, cond, rng, cm_cfg=config.distill.cm, noise=noise, **kw)
+    if row == "finetune":
+        return lambda p, cond, rng, noise=None: solver_sample(
+            apply_fn, p, cond, rng, sampler=sampler, noise=noise, **kw)
+    return lambda p, cond, rng, noise=None: few_step_sample(apply_fn, p, cond, rng, noise=noise,
+                                                            **kw)
+
+
 def row_methods(
     config: ml_collections.ConfigDict, row: str, params: PyTree, apply_fn, schedule
 ) -> dict:
     """{key: MethodSpec} of the samplers and step counts evaluated for `row`."""
-    tab, grid = config.table1, config.evaluate.grid
     if row == "bicubic":
         return {"bicubic/none/0": bicubic_method()}
     params = jax.device_put(params)
-    plan: list[tuple[str, int]] = []
-    if row == "finetune":
-        plan = [("ddim", k) for k in tab.finetune_ddim_steps]
-        plan += [("dpmpp_2m", k) for k in tab.finetune_dpm_steps]
-    elif row in ("cm", "direct_cm"):
-        plan = [("consistency", k) for k in tab[f"{row}_steps"]]
-    elif row == "gd":
-        plan = [("ddim", tab.gd_student_steps)]
-    elif row in ("pe_codi", "codi"):
-        plan = [("ddim", k) for k in tab[f"{row}_steps"]]
-    else:
-        raise ValueError(f"unknown table1 row {row!r}; valid: {ROWS}")
     methods = {}
-    for sampler, k in plan:
-        kw = dict(schedule=schedule, num_steps=k, grid=grid,
-                  prediction_type=config.diffusion.prediction_type)
-        if sampler == "consistency":
-            fn = jax.jit(
-                lambda p, cond, rng, kw=kw: consistency_sample(
-                    apply_fn, p, cond, rng, cm_cfg=config.distill.cm, **kw
-                )
-            )
-        elif row == "finetune":
-            fn = jax.jit(
-                lambda p, cond, rng, kw=kw, s=sampler: solver_sample(
-                    apply_fn, p, cond, rng, sampler=s, **kw
-                )
-            )
-        else:
-            fn = jax.jit(lambda p, cond, rng, kw=kw: few_step_sample(apply_fn, p, cond, rng, **kw))
+    for sampler, k in row_plan(config, row):
+        sample = row_sample(config, row, sampler, k, apply_fn, schedule)
+        fn = jax.jit(lambda p, cond, rng, sample=sample: sample(p, cond, rng))
         methods[f"{row}/{sampler}/{k}"] = MethodSpec(
             row, sampler, int(k), lambda cond, lq, rng, fn=fn: fn(params, cond, rng)
         )
     return methods
+
+
+def row_photo_methods(
+    config: ml_collections.ConfigDict, row: str, params: PyTree, apply_fn, schedule
+) -> dict[tuple, tuple | None]:
+    """The methods of `row_methods` for `photos.evaluate_photos`: (row, sampler, steps) ->
+    (tile sample function, params), None for bicubic."""
+    if row == "bicubic":
+        return {("bicubic", "none", 0): None}
+    return {(row, sampler, int(k)): (row_sample(config, row, sampler, k, apply_fn, schedule),
+                                     params)
+            for sampler, k in row_plan(config, row)}
 
 
 # Metrics where higher is better (the others, LPIPS and the MSEs, lower is better).

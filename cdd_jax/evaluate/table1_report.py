@@ -18,8 +18,9 @@ import numpy as np
 
 from cdd_jax.evaluate.figures import image_grid, plot_quality_vs_nfe
 from cdd_jax.evaluate.harness import timing_device
-from cdd_jax.evaluate.report import write_results
-from cdd_jax.evaluate.seeds import INTERVAL_TEXT, Difference, paired_difference
+from cdd_jax.evaluate.photos import protocol_text
+from cdd_jax.evaluate.report import markdown_table, write_results
+from cdd_jax.evaluate.seeds import INTERVAL_TEXT, Difference, aggregate_seeds, paired_difference
 from cdd_jax.evaluate.table1 import (
     CLOSE_TOLERANCE,
     GD_ORDERS,
@@ -34,7 +35,14 @@ from cdd_jax.parallel.distributed import is_main_process
 PyTree = Any
 
 
-HIGHER_IS_BETTER = ("psnr", "ssim", "lr_psnr")
+HIGHER_IS_BETTER = ("psnr", "ssim", "lr_psnr", "psnr_y", "ssim_y")
+# What each evaluation set of the claim checks is for (`table1.claims_split`).
+SPLIT_ROLES = {
+    "crops": "the 32 px crops of the validation photos (the old protocol: LPIPS-Alex's last "
+             "layers see one position)",
+    "validation": "the validation photos (for choosing settings, not for reporting)",
+    "test": "the test photos (for reporting: never used to choose a setting)",
+}
 # The 4-step rows CoDi-4 is compared with, and their names in the claim lines.
 _CODI_VERSUS = (
     ("finetune", "ddim", "LDM-SR (fine-tuned, DDIM)"),
@@ -166,11 +174,20 @@ def _phase_text(ph: GDPhase) -> str:
     return f"{ph.name} ({n}{kind} {ph.objective}, {ph.num_steps} steps)"
 
 
-def report_notes(config: ml_collections.ConfigDict, rows: list[dict], eval_set: dict) -> str:
-    """The markdown notes under the table: rows, seeds and budget, claims, the paper's table."""
+def report_notes(config: ml_collections.ConfigDict, rows: list[dict], eval_set: dict,
+                 photos: Mapping[str, list[dict]] | None = None) -> str:
+    """The markdown notes under the table: rows, seeds and budget, the photo tables, claims (on
+    `table1.claims_split`), the paper's table. `photos`: aggregated photo rows per split."""
     tab = config.table1
+    photos = dict(photos or {})
     legend = "\n".join(f"- `{r}`: {PAPER_NAMES[r]}" for r in tab.rows)
-    claims = "\n".join(f"- {line}" for line in check_claims(rows, config))
+    split = tab.get("claims_split", "crops")
+    claim_rows = rows if split == "crops" else photos.get(split, [])
+    claims = "\n".join(f"- {line}" for line in check_claims(claim_rows, config))
+    photo_text = "".join(
+        f"On the {s} photos ({protocol_text(config, s)}; means over seeds ± the half-width of the "
+        f"{INTERVAL_TEXT}; s / image excludes the first image's compilation):\n\n"
+        f"{markdown_table(r, 'ci95')}\n\n" for s, r in photos.items() if r)
     budget = config.train.num_steps * config.data.batch_size
     seeds = tuple(tab.seeds)
     gd = ", ".join(_phase_text(ph) for ph in gd_plan(config))
@@ -189,7 +206,9 @@ def report_notes(config: ml_collections.ConfigDict, rows: list[dict], eval_set: 
         f"Degradation preset: {config.degradation.preset}; "
         f"{eval_set['image'].shape[0]} evaluation crops; sampling grid: {config.evaluate.grid}. "
         f"Timing device: {timing_device()} (each row timed right after its training).\n\n"
-        f"The paper's claims on this run (seed means, differences paired by seed):\n{claims}\n\n"
+        f"{photo_text}"
+        f"The paper's claims on this run (seed means, differences paired by seed), checked on "
+        f"{SPLIT_ROLES[split]}:\n{claims}\n\n"
         "Paper Table 1 (real-world SR x4, Real-ESRGAN degradations, a 1.22B-parameter latent "
         "diffusion model; only the ordering compares with this small table):\n\n"
         f"{paper_table_markdown()}\n"
@@ -203,19 +222,28 @@ def write_report(
     predictions: Mapping[str, np.ndarray],
     eval_set: dict,
     per_seed: Mapping[int, list[dict]] | None = None,
+    photos_per_seed: Mapping[str, Mapping[int, list[dict]]] | None = None,
 ) -> dict[str, str]:
     """table1.json (rows aggregated over seeds, `aggregate_seeds`) / .md, table1_per_seed.json
-    (when `per_seed` is given), the quality-versus-NFE plot (seed means) and the image grid
-    (`predictions`: the first seed's); returns their paths."""
+    (when `per_seed` is given), table1_photos_<split>.json (the photo rows of each split of
+    `photos_per_seed` aggregated the same way, and per seed), the quality-versus-NFE plot (seed
+    means) and the image grid (`predictions`: the first seed's); returns their paths."""
     n = min(
         [config.evaluate.num_grid_images, eval_set["image"].shape[0]]
         + [p.shape[0] for p in predictions.values()]
     )
     tab = config.table1
-    notes = report_notes(config, rows, eval_set)
+    photos = {s: aggregate_seeds(p) for s, p in (photos_per_seed or {}).items() if p}
+    notes = report_notes(config, rows, eval_set, photos)
     out = {}
     if not is_main_process():
         return out
+    for split, split_rows in photos.items():
+        out[f"photos_{split}"] = os.path.join(workdir, f"table1_photos_{split}.json")
+        with open(out[f"photos_{split}"], "w") as f:
+            json.dump({"rows": split_rows, "protocol": protocol_text(config, split),
+                       "per_seed": [{**r, "seed": int(s)} for s, rs in
+                                    photos_per_seed[split].items() for r in rs]}, f, indent=1)
     out["json"], out["md"] = write_results(
         rows,
         workdir,

@@ -1,20 +1,21 @@
 """Full-image evaluation of a student through the tiled path, by the SR papers' protocol
 (`cdd_jax.evaluate.protocol`): bicubic and the student at each K on a folder of high-resolution
 images, degraded with the student's own degradation preset and a fixed seed (whole images, not
-crops), or on a paired LR/HR folder. Writes per_image.csv, summary.json, summary.md."""
+crops), or on a paired LR/HR folder. Writes per_image.csv, summary.json, summary.md. The per-image
+work is `cdd_jax.evaluate.photos.score_photos`, the same as the jobs' photo evaluation."""
 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 
-import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from cdd_jax.data.degradations import degrade
-from cdd_jax.evaluate.protocol import PROTOCOL, image_metrics, summarise
+from cdd_jax.evaluate.photos import Photo, degraded_lr, score_photos
+from cdd_jax.evaluate.protocol import PROTOCOL, summarise
 from cdd_jax.inference.images import EXTENSIONS, read_image
 
 
@@ -56,9 +57,7 @@ def load_pair(hr_path: str, lr_path: str | None, scale: int, degradation, seed: 
         raise ValueError(f"{hr_path}: smaller than the scale {scale}")
     hr = hr[:h, :w]
     if lr_path is None:
-        lq = degrade(hr.astype(np.float32) / np.float32(255.0), np.random.default_rng(
-            [seed, index]), degradation)
-        return hr, np.round(np.clip(lq, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return hr, degraded_lr(hr, degradation, seed, index)
     lr = _rgb8(read_image(lr_path)[0])
     if (lr.shape[0] * scale, lr.shape[1] * scale) != (h, w):
         raise ValueError(f"{lr_path}: {lr.shape[1]}x{lr.shape[0]} is not the HR size "
@@ -66,36 +65,28 @@ def load_pair(hr_path: str, lr_path: str | None, scale: int, degradation, seed: 
     return hr, lr
 
 
-def _bicubic(lr: np.ndarray, scale: int) -> np.ndarray:
-    up = cv2.resize(lr.astype(np.float32) / np.float32(255.0),
-                    (lr.shape[1] * scale, lr.shape[0] * scale), interpolation=cv2.INTER_CUBIC)
-    return np.round(np.clip(up, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
 def evaluate_folder(upscaler, hr_dir: str, out_dir: str, *, lr_dir: str | None = None,
                     steps=(1, 4), seed: int = 0, lpips_net: str | None = "alex",
                     progress: bool = False) -> list[dict]:
-    """Evaluates bicubic and the student at each K of `steps`; returns the summary rows."""
+    """Evaluates bicubic and the student at each K of `steps` (`photos.score_photos`, the
+    jobs' photo evaluation); returns the summary rows."""
     student, scale = upscaler.student, upscaler.scale
     lpips = None
     if lpips_net:
         from cdd_jax.evaluate.metrics import LPIPS
 
         lpips = LPIPS(lpips_net)
-    per_image = []
     pairs = image_pairs(hr_dir, lr_dir)
-    for index, (name, hr_path, lr_path) in enumerate(tqdm(pairs, unit="image",
-                                                          disable=not progress)):
-        hr, lr = load_pair(hr_path, lr_path, scale, student.config.degradation, seed, index)
-        outputs = {("bicubic", 0): _bicubic(lr, scale)}
-        for k in steps:
-            sr = upscaler.upscale_rgb(lr.astype(np.float32) / np.float32(255.0), steps=k,
-                                      seed=seed)
-            outputs[("student", k)] = np.round(sr * 255.0).astype(np.uint8)
-        for (method, k), sr in outputs.items():
-            for metric, value in image_metrics(sr, hr, scale, lpips).items():
-                per_image.append({"image": name, "method": method, "steps": k, "metric": metric,
-                                  "value": value})
+    photos = (Photo(name, *load_pair(hr_path, lr_path, scale, student.config.degradation, seed,
+                                     index))
+              for index, (name, hr_path, lr_path) in enumerate(pairs))
+    methods = {("bicubic", "none", 0): None}
+    for k in steps:
+        methods[("student", upscaler.renoise, k)] = functools.partial(
+            upscaler.upscale_rgb, steps=k, seed=seed)
+    per_image, _ = score_photos(tqdm(photos, total=len(pairs), unit="image",
+                                     disable=not progress), methods, scale, lpips)
+    per_image = [{k: v for k, v in r.items() if k != "sampler"} for r in per_image]
     rows = summarise(per_image)
     _write(out_dir, per_image, rows, upscaler, hr_dir, lr_dir, seed)
     return rows

@@ -5,10 +5,11 @@
 
 The condition is the input upsampled by bicubic interpolation over the WHOLE image and mapped to
 [-1, 1], as the training pairs' `cond` (`data/degradations/transform.py`); the tiles are crops of
-it, their noise crops of one noise plane (`tiling.py`). Every tile runs the student's K-step
+it, their noise crops of one noise plane (`cdd_jax.evaluate.tiling`, whose `upscale_tiled` is the
+tiled path itself, shared with the full-image evaluations). Every tile runs the student's K-step
 sampler (`few_step_sample`, the sampler the job evaluated) on its own; the outputs are blended.
 Memory: the network sees `tile_batch` tiles at a time; the condition is made and the tiles are
-blended one row of tiles at a time (bands of the tile's height, `condition_rows`, `Blender`), so
+blended one row of tiles at a time (bands of the tile's height: `condition_rows`, `Blender`), so
 the working memory does not grow with the image's height; what does grow with the image is the
 output itself (float32 while it is assembled, 12 bytes per output pixel, then the returned
 array).
@@ -19,46 +20,16 @@ upscaled separately by bicubic interpolation.
 
 from __future__ import annotations
 
-import functools
-
 import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cdd_jax.distill.sampling import RENOISE, few_step_sample
+from cdd_jax.distill.sampling import RENOISE
+from cdd_jax.evaluate.sr import student_sample
+from cdd_jax.evaluate.tiling import default_overlap, make_grid, tile_sampler, upscale_tiled
 from cdd_jax.inference.student import Student, load_student
-from cdd_jax.inference.tiling import Blender, Grid, make_grid, noise_tiles, reflect_index
-
-
-def default_overlap(tile: int, scale: int) -> int:
-    """A quarter of the tile, rounded down to a multiple of the scale."""
-    return tile // 4 // scale * scale
-
-
-def condition_rows(lr: np.ndarray, grid: Grid, y0: int, scale: int) -> np.ndarray:
-    """Canvas rows [y0, y0 + tile) of the condition, all canvas columns: `lr` upsampled by cv2
-    bicubic, clipped to [0, 1], mapped to [-1, 1] and reflect-padded to the canvas, exactly as
-    if the whole image were upsampled and padded (`pad_to_canvas`), but computed from the few
-    low-resolution rows these output rows depend on (bicubic reads 2 input rows either side;
-    3 are taken). Memory: a band of the tile's height, whatever the image's."""
-    (top, _), (left, _) = grid.pads
-    rows = reflect_index(np.arange(y0, y0 + grid.tile) - top, grid.height)
-    cols = reflect_index(np.arange(grid.canvas_shape[1]) - left, grid.width)
-    a = max(int(rows.min()) // scale - 3, 0)
-    b = min(int(rows.max()) // scale + 4, lr.shape[0])
-    up = cv2.resize(lr[a:b], (grid.width, (b - a) * scale), interpolation=cv2.INTER_CUBIC)
-    band = up.reshape((b - a) * scale, grid.width, -1)[rows - a * scale][:, cols]
-    np.clip(band, 0.0, 1.0, out=band)
-    band *= np.float32(2.0)
-    band -= np.float32(1.0)
-    return band
-
-
-def _emit(out: np.ndarray, finished: tuple[int, np.ndarray]) -> None:
-    y0, rows = finished
-    out[y0:y0 + len(rows)] = rows
 
 
 class Upscaler:
@@ -84,7 +55,7 @@ class Upscaler:
         self.progress = progress
         make_grid(self.tile, self.tile, self.tile, self.overlap, align=self.scale)  # Checks.
         self._check_tile()
-        self._sample = jax.jit(self._sample_tiles, static_argnames=("steps", "renoise"))
+        self._samplers: dict = {}
 
     @classmethod
     def load(cls, path: str | None = None, **kwargs) -> Upscaler:
@@ -101,52 +72,28 @@ class Upscaler:
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); use a "
                              f"multiple of the training crop size {self.student.crop_size}") from e
 
-    def _sample_tiles(self, params, cond, origins, key, *, steps: int, renoise: str):
-        noise = lambda i: noise_tiles(jax.random.fold_in(key, i), origins, self.tile, 3)
-        s = self.student
-        return few_step_sample(s.apply_fn, params, cond, key, schedule=s.schedule,
-                               num_steps=steps, grid=s.config.evaluate.grid, renoise=renoise,
-                               noise=noise, prediction_type=s.config.diffusion.prediction_type)
+    def _sampler(self, steps: int, renoise: str):
+        """The tile sampler of K = `steps` with `renoise` (compiled once each)."""
+        if (steps, renoise) not in self._samplers:
+            s = self.student
+            self._samplers[(steps, renoise)] = tile_sampler(
+                student_sample(s.config, s.apply_fn, s.schedule, steps, renoise), self.tile)
+        return self._samplers[(steps, renoise)]
 
     def upscale_rgb(self, rgb: np.ndarray, *, steps: int | None = None, seed: int = 0,
                     renoise: str | None = None, offset: tuple[int, int] = (0, 0),
                     desc: str | None = None) -> np.ndarray:
-        """(H, W, 3) float32 in [0, 1] -> (sH, sW, 3) float32 in [0, 1]. `offset` shifts the
-        tile grid (output px, multiples of the scale); the noise does not move with it."""
+        """(H, W, 3) float32 in [0, 1] -> (sH, sW, 3) float32 in [0, 1] (`upscale_tiled`).
+        `offset` shifts the tile grid (output px, multiples of the scale); the noise does not
+        move with it."""
         s, t = self.scale, self.tile
         h, w = rgb.shape[:2]
-        lr = np.ascontiguousarray(rgb, dtype=np.float32)
-        grid = make_grid(h * s, w * s, t, self.overlap, align=s, offset=offset)
-        origins = grid.origins()
-        to_global = np.array([grid.start_y, grid.start_x], np.int32)
-        key = jax.random.key(seed)
-        sample = functools.partial(self._sample, steps=int(steps or self.default_steps),
-                                   renoise=renoise or self.renoise)
-        out = np.empty((h * s, w * s, 3), np.float32)
-        blender, bands, row = Blender(grid, 3), {}, 0
-        n, tb = len(grid), self.tile_batch
+        n = len(make_grid(h * s, w * s, t, self.overlap, align=s, offset=offset))
+        sample = self._sampler(int(steps or self.default_steps), renoise or self.renoise)
         with tqdm(total=n, desc=desc, unit="tile", disable=not self.progress, leave=False) as bar:
-            for lo in range(0, n, tb):
-                idx = np.arange(lo, min(lo + tb, n))
-                take = np.concatenate([idx, np.full(tb - len(idx), idx[-1])])  # A full batch.
-                for r in np.unique(take // grid.nx):
-                    if r not in bands:
-                        bands[r] = condition_rows(lr, grid, r * grid.stride, s)
-                tiles = np.stack([bands[i // grid.nx][:, x:x + t] for i, (_, x) in
-                                  zip(take, origins[take], strict=True)])
-                values = np.asarray(sample(self.student.params, tiles,
-                                           origins[take] + to_global, key))
-                for j, i in enumerate(idx):
-                    while i // grid.nx > row:  # The previous row of tiles is complete.
-                        _emit(out, blender.finish_row())
-                        bands.pop(row, None)
-                        row += 1
-                    blender.add(int(i), origins[i], values[j])
-                bar.update(len(idx))
-        _emit(out, blender.finish_row())
-        out += np.float32(1.0)
-        out /= np.float32(2.0)
-        return np.clip(out, 0.0, 1.0, out=out)
+            return upscale_tiled(rgb, sample, self.student.params, scale=s, tile=t,
+                                 overlap=self.overlap, tile_batch=self.tile_batch, seed=seed,
+                                 offset=offset, on_tiles=bar.update)
 
     def __call__(self, image: np.ndarray, steps: int | None = None, seed: int = 0, *,
                  renoise: str | None = None, offset: tuple[int, int] = (0, 0),

@@ -30,11 +30,14 @@ Layout of DIR (every row of every seed resumable):
     teacher/                         pretrained teacher (only when `teacher.checkpoint` is empty)
     seed<s>/<row>/checkpoints/ ...   training run of the row for seed s (gd: one folder per run
                                      of `gd_plan`, e.g. seed0/gd/uncond_round1_N16/, conditional/)
-    seed<s>/<row>/eval.json          the row's result rows (written last: marks it finished)
+    seed<s>/<row>/eval.json          the row's result rows (written last: marks it finished) and
+                                     its photo results per split of `evaluate.photos.splits`
     seed<s>/<row>/eval_predictions.npz  its predictions on the first grid crops
     table1.json, table1.md           the rows aggregated over seeds (means, 95% t-intervals, the
                                      per-seed values) and the report with the paper's claims
     table1_per_seed.json             every seed's rows
+    table1_photos_<split>.json       the photo rows of each split aggregated over seeds (and
+                                     per seed), the same way; table1.md shows them too
     table1_quality_vs_nfe.png        LPIPS and PSNR (seed means) against network evaluations
     table1_grid.png                  every method side by side on the same held-out crops (the
                                      first seed's models)
@@ -42,18 +45,19 @@ Layout of DIR (every row of every seed resumable):
 Running the command again skips a seed's rows whose `eval.json` exists (after checking that the
 settings that determine the row's result did not change), reuses finished training runs, and
 resumes partially trained ones from their newest checkpoint; adding seeds to `table1.seeds` trains
-only the new ones. Workdirs of the one-seed layout (DIR/<row>/, before `table1.seeds`) are refused
+only the new ones. A finished row whose eval.json lacks the photo results of today's
+`evaluate.photos` settings (rows of before the photo evaluation, or other photo settings) gets them
+evaluated from its final checkpoint, never retrained; without that checkpoint it is an error.
+Workdirs of the one-seed layout (DIR/<row>/, before `table1.seeds`) are refused
 with a message saying how to continue them.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
 import resource
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -63,40 +67,24 @@ from cdd_jax.diffusion import get_schedule
 from cdd_jax.evaluate.harness import evaluate_methods
 from cdd_jax.evaluate.metrics import MetricSuite
 from cdd_jax.evaluate.seeds import aggregate_seeds
-from cdd_jax.evaluate.table1 import ROW_FIELDS, ROWS, gd_plan, row_methods
+from cdd_jax.evaluate.table1 import ROWS, gd_plan, row_methods
 from cdd_jax.evaluate.table1_report import write_report
-from cdd_jax.fileio import write_atomic
 from cdd_jax.parallel.distributed import is_main_process
 from cdd_jax.stages.distill import conditional_model, distill
 from cdd_jax.stages.gd import distill_unconditional
 from cdd_jax.stages.sr import make_sr_eval_set
+from cdd_jax.stages.table1_rows import (
+    load_finished_row,
+    load_row_photos,
+    missing_photo_splits,
+    result_settings,
+    row_photos,
+    save_row,
+)
 from cdd_jax.stages.teacher import load_teacher
 from cdd_jax.train.checkpoint import load_params
 
 PyTree = Any
-
-# Settings that do not change a row's result, at any depth (so "train.log_every" also covers
-# "teacher.pretrain.train.log_every"): a finished row is reused even if they differ.
-_IGNORED_FOR_REUSE = (
-    "distill.objective",
-    "train.log_every",
-    "train.eval_every",
-    "train.sample_every",
-    "train.ckpt_every",
-    "train.keep_checkpoints",
-    "train.async_checkpoints",
-    "train.profile",
-    "train.num_sample_images",
-    "data.num_workers",
-    "data.read_threads",
-    "data.prefetch",
-    "evaluate.num_grid_images",
-    "evaluate.default_renoise",
-    "mesh",
-)
-# Config sections that only some rows read: another row is reused even if they differ.
-_ROW_ONLY_SECTIONS = {"distill.direct_cm": ("direct_cm",)}
-
 
 # ----------------------------------------------------------------------------------------------
 # Training of one row: reuse a finished run, else train (the loop resumes from checkpoints).
@@ -206,71 +194,6 @@ def train_gd(
 
 
 # ----------------------------------------------------------------------------------------------
-# Finished rows: their settings, results and predictions on disk.
-# ----------------------------------------------------------------------------------------------
-
-
-def _flat(d: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _ignored(key: str, row: str) -> bool:
-    if key.startswith("table1."):
-        return key.split(".", 1)[1] not in ROW_FIELDS[row]
-    for section, rows in _ROW_ONLY_SECTIONS.items():
-        if key.startswith(section + "."):
-            return row not in rows
-    return any(f".{p}." in f".{key}." for p in _IGNORED_FOR_REUSE)
-
-
-def result_settings(config: ml_collections.ConfigDict, row: str) -> dict:
-    """The flattened settings that determine `row`'s result (what a reused row must match)."""
-    flat = {k: v for k, v in _flat(config.to_dict()).items() if not _ignored(k, row)}
-    return json.loads(json.dumps(flat, default=str))  # as it reads back from eval.json
-
-
-def load_finished_row(
-    row_dir: str, settings: dict, row: str
-) -> tuple[list[dict], dict] | None:
-    """(rows, predictions) of an evaluated row, or None; ValueError if its settings differ
-    (settings saved by an older version that `row` ignores, e.g. another row's section, pass)."""
-    path = os.path.join(row_dir, "eval.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        saved = json.load(f)
-    old = {k: v for k, v in saved.get("settings", {}).items() if not _ignored(k, row)}
-    diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-    if diff:
-        raise ValueError(
-            f"{path} was produced with different settings ("
-            + ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff[:5])
-            + (", ..." if len(diff) > 5 else "")
-            + "); use a new workdir or delete that row's directory to recompute it"
-        )
-    npz = os.path.join(row_dir, "eval_predictions.npz")
-    predictions = dict(np.load(npz)) if os.path.exists(npz) else {}
-    return saved["rows"], {k.replace("|", "/"): v for k, v in predictions.items()}
-
-
-def save_row(
-    row_dir: str, rows: list[dict], predictions: Mapping[str, np.ndarray], settings: dict
-) -> None:
-    """Predictions first, then eval.json (its presence marks the row finished)."""
-    npz = io.BytesIO()
-    np.savez(npz, **{k.replace("/", "|"): np.asarray(v) for k, v in predictions.items()})
-    write_atomic(os.path.join(row_dir, "eval_predictions.npz"), npz.getvalue())
-    text = json.dumps({"rows": rows, "settings": settings}, indent=1)
-    write_atomic(os.path.join(row_dir, "eval.json"), text.encode())
-
-
-# ----------------------------------------------------------------------------------------------
 # The driver.
 # ----------------------------------------------------------------------------------------------
 
@@ -322,6 +245,62 @@ def check_layout(workdir: str) -> None:
         )
 
 
+def saved_row_params(config: ml_collections.ConfigDict, row: str, seed_dir: str) -> PyTree:
+    """The EMA params a finished row was evaluated with, read from its final checkpoint (GD:
+    its last run's); never trains. ValueError when the checkpoint is gone: results of a
+    retrained model would not be the row's."""
+    if row == "bicubic":
+        return None
+    run_dir, steps = os.path.join(seed_dir, row), config.train.num_steps
+    if row == "gd":
+        last = gd_plan(config)[-1]
+        run_dir, steps = os.path.join(run_dir, last.name), last.num_steps
+    params = finished_params(run_dir, steps)
+    if params is None:
+        raise ValueError(
+            f"{seed_dir}/{row}/eval.json lacks photo results of today's evaluate.photos settings "
+            f"and the row's final checkpoint ({run_dir}/checkpoints, step {steps}) is gone, so "
+            "they cannot be evaluated without retraining: delete the row's directory to retrain "
+            "it, or set evaluate.photos.splits=()")
+    return params
+
+
+def _row_results(config, row: str, seed_dir: str, *, teacher, finetuned, eval_set, apply_fn,
+                 schedule, suite) -> tuple[list[dict], dict, dict[str, dict]]:
+    """(crop rows, predictions, photo results per split) of `row`: read back from its
+    eval.json, with missing photo splits evaluated from its checkpoint; else trained (or
+    reused) and evaluated."""
+    row_dir = os.path.join(seed_dir, row)
+    settings = result_settings(config, row)
+    finished = load_finished_row(row_dir, settings, row)
+    if finished is not None:
+        rows, preds = finished
+        photos = load_row_photos(row_dir)
+        missing = missing_photo_splits(config, photos)
+        if not missing:
+            logging.info("row %s: already evaluated in %s, skipped", row, row_dir)
+        else:
+            logging.info("row %s: evaluated in %s; photos %s from its checkpoint", row, row_dir,
+                         missing)
+            params = saved_row_params(config, row, seed_dir)
+            photos.update(row_photos(config, row, params, apply_fn, schedule, missing))
+            if is_main_process():
+                save_row(row_dir, rows, preds, settings, photos)
+        return rows, preds, photos
+    params = _trained_params(config, row, row_dir, teacher, finetuned, eval_set)
+    methods = row_methods(config, row, params, apply_fn, schedule)
+    results = evaluate_methods(methods, eval_set, suite, batch_size=config.evaluate.batch_size,
+                               rng_seed=config.seed,
+                               keep_predictions=config.evaluate.num_grid_images)
+    rows, preds = list(results), dict(results.predictions)
+    photos = row_photos(config, row, params, apply_fn, schedule, config.evaluate.photos.splits)
+    if is_main_process():
+        save_row(row_dir, rows, preds, settings, photos)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    logging.info("row %s finished; peak host memory so far %.2f GiB", row, peak_gb)
+    return rows, preds, photos
+
+
 def run_seed(
     config: ml_collections.ConfigDict,
     seed_dir: str,
@@ -331,9 +310,10 @@ def run_seed(
     apply_fn,
     schedule,
     suite: MetricSuite,
-) -> tuple[list[dict], dict[str, np.ndarray]]:
+) -> tuple[list[dict], dict[str, np.ndarray], dict[str, list[dict]]]:
     """Every row of `config.table1.rows` for the seed `config.seed`, trained or reused, evaluated
-    or read back, in `seed_dir`; returns (result rows, predictions)."""
+    or read back, in `seed_dir`; returns (crop result rows, predictions, photo result rows per
+    split of `evaluate.photos.splits`)."""
     finetuned = _lazy(
         lambda: train_row(
             row_config(config, "finetune"),
@@ -344,38 +324,23 @@ def run_seed(
     )
     all_rows: list[dict] = []
     predictions: dict[str, np.ndarray] = {}
+    photo_rows: dict[str, list[dict]] = {s: [] for s in config.evaluate.photos.splits}
     for row in config.table1.rows:
-        row_dir = os.path.join(seed_dir, row)
-        settings = result_settings(config, row)
-        finished = load_finished_row(row_dir, settings, row)
-        if finished is not None:
-            logging.info("row %s: already evaluated in %s, skipped", row, row_dir)
-            rows, preds = finished
-        else:
-            params = _trained_params(config, row, row_dir, teacher, finetuned, eval_set)
-            methods = row_methods(config, row, params, apply_fn, schedule)
-            results = evaluate_methods(
-                methods,
-                eval_set,
-                suite,
-                batch_size=config.evaluate.batch_size,
-                rng_seed=config.seed,
-                keep_predictions=config.evaluate.num_grid_images,
-            )
-            rows, preds = list(results), dict(results.predictions)
-            if is_main_process():
-                save_row(row_dir, rows, preds, settings)
-            peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            logging.info("row %s finished; peak host memory so far %.2f GiB", row, peak_gb)
+        rows, preds, photos = _row_results(config, row, seed_dir, teacher=teacher,
+                                           finetuned=finetuned, eval_set=eval_set,
+                                           apply_fn=apply_fn, schedule=schedule, suite=suite)
         all_rows.extend(rows)
         predictions.update(preds)
-    return all_rows, predictions
+        for split in photo_rows:
+            photo_rows[split].extend(photos[split]["rows"])
+    return all_rows, predictions, photo_rows
 
 
 def run_table1(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     """Trains (or reuses) and evaluates every row of `config.table1.rows` for every seed of
-    `config.table1.seeds` (seed by seed); writes the report; returns the rows aggregated over
-    the seeds (`cdd_jax.evaluate.seeds.aggregate_seeds`)."""
+    `config.table1.seeds` (seed by seed); writes the report; returns the crop rows aggregated
+    over the seeds (`cdd_jax.evaluate.seeds.aggregate_seeds`; the photo rows, aggregated the
+    same way per split, are in the report's table1_photos_<split>.json)."""
     check_layout(workdir)
     eval_set = make_sr_eval_set(config)
     _, apply_fn = conditional_model(config)
@@ -383,16 +348,21 @@ def run_table1(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
     suite = MetricSuite(config.evaluate.metrics)
     teacher = _lazy(lambda: load_teacher(config, workdir))
     per_seed: dict[int, list[dict]] = {}
+    photos_per_seed: dict[str, dict[int, list[dict]]] = {
+        s: {} for s in config.evaluate.photos.splits}
     predictions: dict[str, np.ndarray] = {}
     for seed in config.table1.seeds:
-        rows, preds = run_seed(
+        rows, preds, photos = run_seed(
             seed_config(config, seed), os.path.join(workdir, f"seed{seed}"), teacher=teacher,
             eval_set=eval_set, apply_fn=apply_fn, schedule=schedule, suite=suite,
         )
         per_seed[int(seed)] = rows
+        for split, split_rows in photos.items():
+            photos_per_seed[split][int(seed)] = split_rows
         predictions = predictions or preds  # the grid shows the first seed's models
         logging.info("table 1: seed %d done", seed)
     rows = aggregate_seeds(per_seed)
-    paths = write_report(config, workdir, rows, predictions, eval_set, per_seed)
+    paths = write_report(config, workdir, rows, predictions, eval_set, per_seed,
+                         photos_per_seed=photos_per_seed)
     logging.info("table 1 written: %s", paths)
     return rows

@@ -1,5 +1,7 @@
 """Tiles over an output image of any size: a regular grid of overlapping tiles, smooth blending
-weights, and Gaussian noise that is ONE field over the whole output.
+weights, Gaussian noise that is ONE field over the whole output, and `upscale_tiled`, the tiled
+path every whole-image result goes through (`cdd_jax.Upscaler`, `python -m cdd_jax.evaluate` and
+the jobs' photo evaluation, `cdd_jax.evaluate.photos`).
 
 Design (BUILD_NOTES.md, "Upscaling"):
 - The grid: tiles of `tile` px every `stride = tile - overlap` px, the first one starting
@@ -21,10 +23,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# sample(params, cond, rng, noise) -> x: a sampler of conditional tiles (NHWC in [-1, 1]) taking its
+# Gaussian draws from `noise(i)` (`cdd_jax.distill.sampling.NoiseFn`).
+TileSampleFn = Callable[[Any, jax.Array, jax.Array, Callable[[int], jax.Array]], jax.Array]
 
 NOISE_BLOCK = 16  # Side of the blocks the noise plane is drawn in (any value: a speed matter).
 _BLOCK_OFFSET = 1 << 20  # Makes block indices of the padding (negative) non-negative.
@@ -217,3 +226,90 @@ def seam_ratio(image: np.ndarray, grid: Grid) -> float:
     if seam.size == 0 or rest.size == 0:
         raise ValueError("the grid has no tile border inside the image (one tile): no seams")
     return float(seam.mean() / rest.mean())
+
+
+def default_overlap(tile: int, scale: int) -> int:
+    """A quarter of the tile, rounded down to a multiple of the scale."""
+    return tile // 4 // scale * scale
+
+
+def tile_sampler(sample: TileSampleFn, tile: int, channels: int = 3):
+    """jit(params, cond_tiles, origins, key) -> x: `sample` run on a batch of tiles whose draws are
+    crops at `origins` (global output coordinates) of the one noise field of `key`
+    (`noise_tiles`; draw i folds i into the key)."""
+
+    def run(params, cond, origins, key):
+        noise = lambda i: noise_tiles(jax.random.fold_in(key, i), origins, tile, channels)
+        return sample(params, cond, key, noise)
+
+    return jax.jit(run)
+
+
+def condition_rows(lr: np.ndarray, grid: Grid, y0: int, scale: int) -> np.ndarray:
+    """Canvas rows [y0, y0 + tile) of the condition, all canvas columns: `lr` upsampled by cv2
+    bicubic, clipped to [0, 1], mapped to [-1, 1] (as the training pairs' `cond`) and
+    reflect-padded to the canvas, exactly as if the whole image were upsampled and padded
+    (`pad_to_canvas`), but computed from the few low-resolution rows these output rows depend on
+    (bicubic reads 2 input rows either side; 3 are taken). Memory: a band of the tile's height,
+    whatever the image's."""
+    (top, _), (left, _) = grid.pads
+    rows = reflect_index(np.arange(y0, y0 + grid.tile) - top, grid.height)
+    cols = reflect_index(np.arange(grid.canvas_shape[1]) - left, grid.width)
+    a = max(int(rows.min()) // scale - 3, 0)
+    b = min(int(rows.max()) // scale + 4, lr.shape[0])
+    up = cv2.resize(lr[a:b], (grid.width, (b - a) * scale), interpolation=cv2.INTER_CUBIC)
+    band = up.reshape((b - a) * scale, grid.width, -1)[rows - a * scale][:, cols]
+    np.clip(band, 0.0, 1.0, out=band)
+    band *= np.float32(2.0)
+    band -= np.float32(1.0)
+    return band
+
+
+def upscale_tiled(rgb: np.ndarray, sample, params, *, scale: int, tile: int, overlap: int,
+                  tile_batch: int, seed: int = 0, offset: tuple[int, int] = (0, 0),
+                  on_tiles: Callable[[int], None] | None = None) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1] -> (sH, sW, 3) float32 in [0, 1] through tiles.
+
+    The condition is `rgb` upsampled by cv2 bicubic (as over the whole image), clipped and mapped
+    to [-1, 1], reflect-padded to the grid's canvas, made one row of tiles at a time
+    (`condition_rows`); `sample` (a `tile_sampler`) sees `tile_batch` tiles per call (the last
+    batch padded by repeating a tile: one compilation) and the outputs are blended a row of tiles
+    at a time (`Blender`), so the only whole-image array is the float32 output. `offset` shifts
+    the tile grid (output px, multiples of the scale); the noise does not move with it.
+    `on_tiles(n)`: called after each batch with the number of tiles done (a progress bar)."""
+    s, t = scale, tile
+    h, w = rgb.shape[:2]
+    lr = np.ascontiguousarray(rgb, dtype=np.float32)
+    grid = make_grid(h * s, w * s, t, overlap, align=s, offset=offset)
+    origins = grid.origins()
+    to_global = np.array([grid.start_y, grid.start_x], np.int32)
+    key = jax.random.key(seed)
+    out = np.empty((h * s, w * s, 3), np.float32)
+    blender, bands, row = Blender(grid, 3), {}, 0
+    n, tb = len(grid), tile_batch
+    for lo in range(0, n, tb):
+        idx = np.arange(lo, min(lo + tb, n))
+        take = np.concatenate([idx, np.full(tb - len(idx), idx[-1])])  # A full batch.
+        for r in np.unique(take // grid.nx):
+            if r not in bands:
+                bands[r] = condition_rows(lr, grid, r * grid.stride, s)
+        tiles = np.stack([bands[i // grid.nx][:, x:x + t]
+                          for i, (_, x) in zip(take, origins[take], strict=True)])
+        values = np.asarray(sample(params, tiles, origins[take] + to_global, key))
+        for j, i in enumerate(idx):
+            while i // grid.nx > row:  # The previous row of tiles is complete.
+                _emit(out, blender.finish_row())
+                bands.pop(row, None)
+                row += 1
+            blender.add(int(i), origins[i], values[j])
+        if on_tiles is not None:
+            on_tiles(len(idx))
+    _emit(out, blender.finish_row())
+    out += np.float32(1.0)
+    out /= np.float32(2.0)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _emit(out: np.ndarray, finished: tuple[int, np.ndarray]) -> None:
+    y0, rows = finished
+    out[y0:y0 + len(rows)] = rows

@@ -23,8 +23,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
 
+from cdd_jax.console import note
 from cdd_jax.evaluate.metrics import MetricSuite, area_downsample
 
 MethodFn = Callable[[np.ndarray, np.ndarray, jax.Array], Any]
@@ -200,7 +200,7 @@ def evaluate_methods(
             results.append(dict(method=spec.name, sampler=spec.sampler, steps=int(spec.steps),
                                 metric=name, value=mean, stderr=stderr,
                                 seconds_per_image=seconds / n, n_images=n))
-        logging.info("evaluated %s (%s, %d steps): %s; %.4f s/image", key, spec.sampler,
+        note("evaluated %s (%s, %d steps): %s; %.4f s/image", key, spec.sampler,
                      spec.steps, ", ".join(f"{k}={np.mean(v):.4f}" for k, v in per_image.items()),
                      seconds / n)
     return results

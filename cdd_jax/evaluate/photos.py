@@ -24,9 +24,9 @@ import cv2
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 
 from cdd_jax import config_checks as checks
+from cdd_jax.console import note
 from cdd_jax.data.bundled import SPLITS, load_bundled_image
 from cdd_jax.data.degradations import degrade
 from cdd_jax.evaluate.protocol import PROTOCOL, image_metrics
@@ -241,7 +241,7 @@ def evaluate_photos(config: ml_collections.ConfigDict, methods: Mapping[tuple, t
                                    "seconds": float(sum(v)), "first_image": float(v[0])}
                                   for k, v in seconds.items()],
                       "protocol": protocol_text(config, split)}
-        logging.info("photos %s: %d images, %s", split, len(photos),
+        note("photos %s: %d images, %s", split, len(photos),
                      ", ".join(f"{k[0]}/{k[1]}/{k[2]} {sum(v):.1f} s" for k, v in seconds.items()))
     return out
 

@@ -63,6 +63,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from cdd_jax.console import note
 from cdd_jax.diffusion import get_schedule
 from cdd_jax.evaluate.harness import evaluate_methods
 from cdd_jax.evaluate.metrics import MetricSuite
@@ -137,9 +138,9 @@ def train_row(
     """EMA params of `cfg.distill.objective` trained in `run_dir`, reusing a finished run."""
     done = finished_params(run_dir, cfg.train.num_steps)
     if done is not None:
-        logging.info("reusing the finished run in %s", run_dir)
+        note("reusing the finished run in %s", run_dir)
         return done
-    logging.info(
+    note(
         "training %s in %s (%d steps)", cfg.distill.objective, run_dir, cfg.train.num_steps
     )
     teacher_params = None if initial is not None else teacher()
@@ -156,9 +157,9 @@ def train_unconditional_round(
     finished run (then `teacher` is not called)."""
     done = finished_params(run_dir, cfg.train.num_steps)
     if done is not None:
-        logging.info("reusing the finished run in %s", run_dir)
+        note("reusing the finished run in %s", run_dir)
         return done
-    logging.info("training unconditional gd (N=%d) in %s (%d steps)",
+    note("training unconditional gd (N=%d) in %s (%d steps)",
                  cfg.distill.num_grid_steps, run_dir, cfg.train.num_steps)
     return distill_unconditional(cfg, run_dir, teacher())
 
@@ -278,9 +279,9 @@ def _row_results(config, row: str, seed_dir: str, *, teacher, finetuned, eval_se
         photos = load_row_photos(row_dir)
         missing = missing_photo_splits(config, photos)
         if not missing:
-            logging.info("row %s: already evaluated in %s, skipped", row, row_dir)
+            note("row %s: already evaluated in %s, skipped", row, row_dir)
         else:
-            logging.info("row %s: evaluated in %s; photos %s from its checkpoint", row, row_dir,
+            note("row %s: evaluated in %s; photos %s from its checkpoint", row, row_dir,
                          missing)
             params = saved_row_params(config, row, seed_dir)
             photos.update(row_photos(config, row, params, apply_fn, schedule, missing))
@@ -297,7 +298,7 @@ def _row_results(config, row: str, seed_dir: str, *, teacher, finetuned, eval_se
     if is_main_process():
         save_row(row_dir, rows, preds, settings, photos)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    logging.info("row %s finished; peak host memory so far %.2f GiB", row, peak_gb)
+    note("row %s finished; peak host memory so far %.2f GiB", row, peak_gb)
     return rows, preds, photos
 
 
@@ -360,9 +361,9 @@ def run_table1(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
         for split, split_rows in photos.items():
             photos_per_seed[split][int(seed)] = split_rows
         predictions = predictions or preds  # the grid shows the first seed's models
-        logging.info("table 1: seed %d done", seed)
+        note("table 1: seed %d done", seed)
     rows = aggregate_seeds(per_seed)
     paths = write_report(config, workdir, rows, predictions, eval_set, per_seed,
                          photos_per_seed=photos_per_seed)
-    logging.info("table 1 written: %s", paths)
+    note("table 1 written: %s", paths)
     return rows

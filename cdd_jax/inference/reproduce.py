@@ -23,8 +23,11 @@ def _untimed(rows: list[dict]) -> list[dict]:
 def reproduce_job_evaluation(student: Student, out: str) -> dict:
     """Re-evaluates `student` on its job's held-out crops (results, grid in `out`) and returns
     {"rows", "identical", "differences": [(recorded, again), ...]}."""
-    rows = evaluate_sr(student.config, out, student.apply_fn, student.params, student.schedule,
-                       make_sr_eval_set(student.config))
+    config = student.config.copy_and_resolve_references()
+    if "photos" in config.evaluate:  # what student.json records: the held-out crop rows only
+        config.evaluate.photos.splits = ()
+    rows = evaluate_sr(config, out, student.apply_fn, student.params, student.schedule,
+                       make_sr_eval_set(config))
     recorded = _untimed(student.info.get("metrics", []))
     again = _untimed(json.loads(json.dumps(rows)))  # the same float formatting as student.json
     diffs = [(a, b) for a, b in zip(recorded, again, strict=False) if a != b]

@@ -40,9 +40,9 @@ def note(message: str, *args) -> None:
 
 def progress(total: int, initial: int = 0, desc: str = "") -> tqdm:
     """One progress line over `total` steps (disabled when INFO logs report progress instead,
-    and on processes other than 0). Updates at most once a second on a terminal, once every
+    on processes other than 0, and when nothing is left to do). Updates at most once a second on a terminal, once every
     30 s in a log file."""
     tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr,
                 mininterval=1.0 if tty else 30.0, dynamic_ncols=True, leave=True,
-                disable=verbose() or not _speaks())
+                disable=verbose() or not _speaks() or initial >= total)

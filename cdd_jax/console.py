@@ -40,8 +40,8 @@ def note(message: str, *args) -> None:
 
 def progress(total: int, initial: int = 0, desc: str = "") -> tqdm:
     """One progress line over `total` steps (disabled when INFO logs report progress instead,
-    on processes other than 0, and when nothing is left to do). Updates at most once a second on a terminal, once every
-    30 s in a log file."""
+    on processes other than 0, and when nothing is left to do). Updates at most once a second
+    on a terminal, once every 30 s in a log file."""
     tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr,
                 mininterval=1.0 if tty else 30.0, dynamic_ncols=True, leave=True,

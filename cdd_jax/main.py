@@ -36,7 +36,7 @@ flags.DEFINE_integer("process_id", None, "This process's index (explicit multi-h
 flags.mark_flags_as_required(["config", "workdir"])
 
 # What the run leaves for a person to read, per stage (relative to --workdir).
-_REPORTS = ("eval/results.md", "table1.md")
+_REPORTS = ("eval/results.md", "eval/photos_validation.md", "eval/photos_test.md", "table1.md")
 
 
 def _override_hints(argv: list[str]) -> list[str]:

@@ -204,6 +204,21 @@ def test_nan_batch_is_skipped_and_counted(reference_run):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(s6["params"]))
 
 
+def test_rerun_of_a_finished_run_evaluates_without_data_or_compiling(monkeypatch, reference_run):
+    """Running a finished workdir again (re-evaluate, re-export) restores the final state and
+    runs the final evaluation; it reads no data and compiles no train step."""
+    ref, wd = reference_run
+    config = _resume_config()
+    job = _job(config, poison_batch=POISONED_BATCH)
+    evaluated = []
+    job = dataclasses.replace(job, make_dataset=lambda *a: pytest.fail("read data"),
+                              eval_fn=lambda state: evaluated.append(int(state.step)) or {})
+    monkeypatch.setattr(builder.TrainStep, "compile", lambda *a: pytest.fail("compiled"))
+    state = loop.train(job, config, wd)
+    assert int(state.step) == 6 and evaluated == [6]
+    _assert_trees_equal(state.ema_params, ref.ema_params)
+
+
 def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, monkeypatch, reference_run):
     ref, _ = reference_run
     config = _resume_config()

@@ -131,6 +131,13 @@ def train(job: Job, config: ml_collections.ConfigDict, workdir: str) -> TrainSta
         start, step_fn.state, data_state = restored
         note("[%s] resumed from step %d", job.name, start)
     start_step = int(step_fn.state.step)
+    if restored is not None and start_step >= tcfg.num_steps:
+        # A finished run (a re-run that re-evaluates or re-exports): no data, no compile.
+        note("[%s] already trained to step %d: evaluating only", job.name, start_step)
+        _periodic(job, tcfg, writer, workdir, step_fn.state, start_step, final=True)
+        ckpt.close()
+        writer.flush()
+        return step_fn.state
 
     dataset = job.make_dataset(jax.process_index(), jax.process_count())
     it = make_train_iterator(dataset, config.data.num_workers, config.data.prefetch,

@@ -32,6 +32,11 @@ def _config(folder, kind):
     return c
 
 
+def _without_timing(rows):
+    """The result rows without their wall-clock field (seconds_per_image differs run to run)."""
+    return [{k: v for k, v in r.items() if k != "seconds_per_image"} for r in rows]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
 def test_latent_text_codi_job_end_to_end_and_resume_is_exact(tmp_path, kind):
@@ -40,7 +45,8 @@ def test_latent_text_codi_job_end_to_end_and_resume_is_exact(tmp_path, kind):
     rows = cdd_jax.train_and_evaluate(_config(folder, kind), wd)
     assert {(r["method"], r["steps"]) for r in rows} == {("bicubic", 0), ("codi", 1),
                                                           ("codi", 2)}
-    assert all(np.isfinite(r["psnr"]) for r in rows)
+    assert {r["metric"] for r in rows} >= {"psnr", "ssim"}
+    assert all(np.isfinite(r["value"]) for r in rows)
     for f in ("eval/results.json", "eval/results.md", "eval/grid.png", "config_sr.json"):
         assert os.path.exists(os.path.join(wd, f)), f
     assert sorted(os.listdir(os.path.join(wd, "distill", "checkpoints"))) == ["2", "4"]
@@ -53,7 +59,7 @@ def test_latent_text_codi_job_end_to_end_and_resume_is_exact(tmp_path, kind):
     for sub in ("eval", "student"):
         shutil.rmtree(os.path.join(wd2, sub))
     rows2 = cdd_jax.train_and_evaluate(_config(folder, kind), wd2)
-    assert rows2 == rows
+    assert _without_timing(rows2) == _without_timing(rows)
     a = open(os.path.join(wd, "student", "params.safetensors"), "rb").read()
     b = open(os.path.join(wd2, "student", "params.safetensors"), "rb").read()
     assert a == b

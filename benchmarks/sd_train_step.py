@@ -7,8 +7,9 @@ against diffusers' UNet2DConditionModel + ControlNetModel.from_unet doing the sa
 (`peer_torch.py`), alternated in one run. Variants: "sd_small" (SD 1.5's block structure at CPU
 widths, 2 levels: latents 4x32x32 from 256 px images, batch 4, a [B, 77, 64] prompt embedding)
 and "sd15" (SD 1.5's U-Net, 512 px, batch 4; only where a GPU is present, otherwise skipped with
-a message). On the 2-core development machine the cdd_jax worker's compile of "sd_small" passes
-5 GB of memory (docs/PERFORMANCE.md), so no CPU ratio has been measured yet.
+a message). On the 2-core development machine the cdd_jax worker compiles the whole
+"sd_small" step in ~95 s at ~4.3 GB (figures: docs/PERFORMANCE.md). The peer needs torch and
+diffusers importable next to jax (e.g. PYTHONPATH with links to a torch venv's packages).
 Neither side encodes with the VAE in the timed step (both encode the batch once at setup).
 
     python benchmarks/sd_train_step.py [--variants=sd_small,sd15] [--rounds=6] [--per_round=2]

@@ -295,9 +295,12 @@ def group_markdown(g: dict) -> list[str]:
         for name, c in g["contenders"].items()
     ]
     lines.append(common.md_table(GROUP_COLUMNS, rows))
-    info = g["contenders"]["cdd_jax"]["info"]
+    # The cdd_jax contender of this run: "cdd_jax", or "cdd_jax@1t" under --threads=1 alone.
+    ours = g["contenders"].get("cdd_jax") or next(
+        c for n, c in g["contenders"].items() if n.startswith("cdd_jax"))
+    info = ours["info"]
     extra = [
-        f"{g['contenders']['cdd_jax']['gflop_per_step']:.1f} GFLOP/step "
+        f"{ours['gflop_per_step']:.1f} GFLOP/step "
         f"({g.get('flops_source', 'XLA cost analysis')})",
         f"params {info['num_params']:,}" + (f" ({info['num_frozen_params']:,} frozen)"
                                             if info.get("num_frozen_params") else ""),

@@ -109,3 +109,26 @@ def test_latent_space_is_the_scaled_posterior_mean():
     np.testing.assert_allclose(rec, ref, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="not divisible"):
         space.shape((1, 17, 17, 3))
+
+
+def test_per_example_prompt_embeds_replace_the_stored_one(setup):
+    """A batch's per-example embeddings [B, T', D] override the stored one example by example:
+    the stored embedding given per example reproduces the default output; another prompt for
+    example 1 changes example 1 only; any token count; the width is checked."""
+    _, _, model, params, embeds, z, cond = setup
+    apply = jax.jit(conditional_apply_fn(model), static_argnums=4)
+    t = jnp.array([0.3, 0.8])
+    ref = np.asarray(apply(params, z, t, cond, None))
+    same = jnp.broadcast_to(embeds, (2, TOKENS, WIDTH))
+    got = apply(params, z, t, {"image": cond, "prompt_embeds": same}, None)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-6)
+    other = same.at[1].set(jax.random.normal(jax.random.key(9), (TOKENS, WIDTH)))
+    got = np.asarray(apply(params, z, t, {"image": cond, "prompt_embeds": other}, None))
+    np.testing.assert_allclose(got[0], ref[0], rtol=0, atol=1e-6)
+    assert float(np.abs(got[1] - ref[1]).max()) > 1e-3
+    longer = jnp.concatenate([same, same], axis=1)  # 2 T tokens: attention averages the same
+    got = apply(params, z, t, {"image": cond, "prompt_embeds": longer}, None)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"width=8.*got \(2, 3, 4\)"):
+        conditional_apply_fn(model)(params, z, t, {"image": cond,
+                                                   "prompt_embeds": same[..., :4]}, None)

@@ -43,7 +43,7 @@ def test_step_jit_cache_stays_at_one_entry_and_donation_is_used():
         warnings.simplefilter("always")
         for i in range(5):
             old_leaf = jax.tree.leaves(state.params)[0]
-            state, metrics = jitted(state, batches[i % len(batches)], rng, None)
+            state, metrics = jitted(state, batches[i % len(batches)], rng, None, None)
             jax.block_until_ready(state)
             # The donated input was consumed: its buffer is gone, the output lives on.
             assert old_leaf.is_deleted(), f"step {i}: the donated state was not consumed"

@@ -30,7 +30,7 @@ def _setup(job, config):
     built = build_train_step(job, config, donate=False, devices=jax.devices()[:1])
 
     def step(state, batch, rng):
-        return built.jitted(state, batch, rng, built.finetuned)
+        return built.jitted(state, batch, rng, built.finetuned, built.frozen_inputs)
 
     return built.state, step, built.labels
 

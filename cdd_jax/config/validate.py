@@ -90,6 +90,14 @@ def _validate_distillation(config: ml_collections.ConfigDict) -> None:
     if config.stage == "table1" and config.model.family == "unet2d_condition":
         raise ValueError("stage 'table1' runs pixel-space teachers only; a latent "
                          "(unet2d_condition) teacher runs with stage 'sr'")
+    latent = config.model.family == "unet2d_condition"
+    if config.distill.d_x_space == "pixel" and not latent:
+        raise ValueError("distill.d_x_space='pixel' decodes latents through the teacher's VAE; "
+                         f"model.family {config.model.family!r} already works in pixels (leave "
+                         "it 'latent')")
+    if config.distill.guidance_scale != 1.0 and not latent:
+        raise ValueError("distill.guidance_scale guides a text-conditioned "
+                         "(model.family='unet2d_condition') teacher; this one reads no text")
     kind = config.diffusion.prediction_type
     if ctl.anchor_precision > 0 and kind != "v_prediction":
         raise ValueError(f"control.anchor_precision > 0 (the low-frequency anchor) acts on a "

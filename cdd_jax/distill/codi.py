@@ -31,15 +31,57 @@ from cdd_jax.distill.config import BOUNDARIES, DISTANCES, EPS_WEIGHTINGS, PREDIC
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array | None, jax.Array | None], jax.Array]
 
 
-def unpack_batch(batch: Mapping[str, Any]) -> tuple[jax.Array, jax.Array | None]:
-    """Returns (x, cond) from a batch dict with 'image' (NHWC in [-1, 1]) and optional 'cond'."""
+def unpack_batch(batch: Mapping[str, Any]) -> tuple[jax.Array, Any]:
+    """Returns (x, cond) from a batch dict with 'image' (NHWC in [-1, 1]), optional 'cond' (the
+    condition image) and optional 'prompt_embeds' ([B, T, D] per-example prompt embeddings of a
+    text-conditioned network). With prompt embeddings, cond is the mapping
+    {"image": batch['cond'], "prompt_embeds": ...} that the conditional apply_fn reads;
+    otherwise the condition image itself."""
     if not isinstance(batch, Mapping) or "image" not in batch:
         keys = list(batch.keys()) if isinstance(batch, Mapping) else type(batch).__name__
         raise ValueError(f"batch must be a dict with an 'image' entry, got {keys}")
     x = jnp.asarray(batch["image"])
     if x.ndim < 2:
         raise ValueError(f"batch['image'] must have a batch axis and data axes, got {x.shape}")
-    return x, batch.get("cond")
+    if batch.get("prompt_embeds") is None:
+        return x, batch.get("cond")
+    if batch.get("cond") is None:
+        raise ValueError("batch['prompt_embeds'] needs a condition image batch['cond']")
+    return x, {"image": batch["cond"], "prompt_embeds": batch["prompt_embeds"]}
+
+
+def condition_image(cond: Any) -> jax.Array | None:
+    """The condition image of `cond` (an image, or the mapping `unpack_batch` makes)."""
+    return cond["image"] if isinstance(cond, Mapping) else cond
+
+
+def unconditional(cond: Any) -> Any:
+    """`cond` without its per-example prompt embeddings: the network then reads its stored
+    prompt embedding (the empty prompt's), the unconditional branch of classifier-free guidance.
+    The condition image stays: guidance is over the text only."""
+    return condition_image(cond)
+
+
+def guided_output(apply_fn: ApplyFn, params: Any, z: jax.Array, t: jax.Array, cond: Any,
+                  scale: float) -> jax.Array:
+    """The network's deterministic output under classifier-free guidance (float32):
+
+        out_uncond + scale * (out_cond - out_uncond)
+
+    with out_cond read with the per-example prompt embeddings and out_uncond with the stored
+    (empty-prompt) one. Guidance is affine with weights summing to one and `denoise` is affine
+    in the output, so guiding the output guides x_hat and eps_hat alike. scale 1: the plain
+    conditional output (one network call)."""
+    out_cond = apply_fn(params, z, t, cond, None).astype(jnp.float32)
+    if scale == 1.0:
+        return out_cond
+    if not isinstance(cond, Mapping) or cond.get("prompt_embeds") is None:
+        raise ValueError(f"classifier-free guidance (distill.guidance_scale={scale}) needs "
+                         "per-example prompt embeddings (a 'prompt_embeds' batch entry); with "
+                         "the stored prompt alone the conditional and unconditional outputs are "
+                         "the same")
+    out_uncond = apply_fn(params, z, t, unconditional(cond), None).astype(jnp.float32)
+    return out_uncond + scale * (out_cond - out_uncond)
 
 
 def as_model_fn(apply_fn: ApplyFn, params: Any, cond: jax.Array | None, batch_size: int):
@@ -104,6 +146,16 @@ def prev_predictor(
     return bcast(alpha_s, x_hat_t.ndim) * x_hat_t + bcast(sigma_s, x_hat_t.ndim) * noise
 
 
+def _d_x_pair(cfg, batch, x, x_hat_t, decode):
+    """(x, x_hat_t) in the space d_x compares them: as given, or decoded to pixels."""
+    if cfg.get("d_x_space", "latent") != "pixel":
+        return x, x_hat_t
+    if decode is None or "pixels" not in batch:
+        raise ValueError("distill.d_x_space='pixel' needs the autoencoder's decoder and the "
+                         "clean pixels (batch['pixels']): a latent teacher's job provides both")
+    return jnp.asarray(batch["pixels"], jnp.float32), decode(batch, x_hat_t).astype(jnp.float32)
+
+
 def codi_loss(
     apply_fn: ApplyFn,
     params: Any,
@@ -114,10 +166,13 @@ def codi_loss(
     schedule: Schedule,
     cfg: ml_collections.ConfigDict,
     prediction_type: str = "v_prediction",
+    decode: Callable[[Mapping[str, Any], jax.Array], jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """CoDi loss (Algorithm 1). `target_params` is theta_minus (the target EMA); no gradient
     reaches it. The target network runs deterministically (rng None). `prediction_type`: what
-    the network outputs (the teacher's own parameterisation). Returns (loss, metrics)."""
+    the network outputs (the teacher's own parameterisation). `decode(batch, latents) -> images`
+    (latent teachers with cfg.d_x_space "pixel"): d_x compares decode(x_hat_t) with
+    batch["pixels"], the clean image the latents x were encoded from. Returns (loss, metrics)."""
     if cfg.predictor not in PREDICTORS:
         raise ValueError(f"unknown predictor {cfg.predictor!r}; valid: {PREDICTORS}")
     if cfg.boundary not in BOUNDARIES:
@@ -139,16 +194,18 @@ def codi_loss(
     noise = eps if cfg.predictor == "prev" else eps_hat_t
     z_hat_s = jax.lax.stop_gradient(prev_predictor(x_hat_t, noise, alpha_s, sigma_s))
     # 5. Target noise prediction by theta_minus at (z_hat_s, s, c).
-    out_minus = apply_fn(jax.lax.stop_gradient(target_params), z_hat_s, s, cond, None)
-    _, eps_hat_minus = denoise(prediction_type, z_hat_s, out_minus.astype(jnp.float32), alpha_s,
-                               sigma_s)
+    #    Text: the target guided by its stored (empty-prompt) embedding, cfg.guidance_scale.
+    out_minus = guided_output(apply_fn, jax.lax.stop_gradient(target_params), z_hat_s, s, cond,
+                              cfg.get("guidance_scale", 1.0))
+    _, eps_hat_minus = denoise(prediction_type, z_hat_s, out_minus, alpha_s, sigma_s)
     if cfg.boundary == "real_noise":
         eps_hat_minus = jnp.where(bcast(s == 0.0, x.ndim), eps, eps_hat_minus)
     eps_hat_minus = jax.lax.stop_gradient(eps_hat_minus)
     # 6. L = w(t) d_eps(eps_hat_t, eps_hat_minus) + lambda d_x(x, x_hat_t).
     w = eps_weight(cfg.eps_weighting, schedule.logsnr(t), cfg.snr_gamma)
     d_eps = distance(cfg.d_eps, eps_hat_t, eps_hat_minus, huber_c=cfg.pseudo_huber_c)
-    d_x = distance(cfg.d_x, x, x_hat_t, huber_c=cfg.pseudo_huber_c)
+    d_x = distance(cfg.d_x, *_d_x_pair(cfg, batch, x, x_hat_t, decode),
+                   huber_c=cfg.pseudo_huber_c)
     loss = jnp.mean(w * d_eps + cfg.lambda_x * d_x)
     metrics = {"loss": loss, "d_eps": d_eps.mean(), "d_x": d_x.mean(), "t_mean": t.mean()}
     return loss, metrics

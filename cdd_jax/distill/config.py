@@ -15,6 +15,7 @@ DIFFUSION_WEIGHTINGS = ("none", "min_snr", "truncated_snr", "snr_plus_one")
 DISTANCES = ("l2", "l1", "pseudo_huber")
 BOUNDARIES = ("target", "real_noise")
 GD_WEIGHTINGS = ("none", "truncated_snr")
+D_X_SPACES = ("latent", "pixel")
 
 
 def ema_config(decay: float, warmup: str) -> ml_collections.ConfigDict:
@@ -60,6 +61,15 @@ def distill_config() -> ml_collections.ConfigDict:
     c.diffusion_weighting = "none"
     c.d_eps = "l2"  # Distance on noise predictions: "l2" (MSE) | "l1" | "pseudo_huber".
     c.d_x = "l2"  # Distance on signal predictions: "l2" (MSE) | "l1" | "pseudo_huber".
+    # Where d_x compares for a latent teacher (model.family "unet2d_condition"): "latent" (the
+    # paper's choice: x and x_hat_t in the autoencoder's latent space) or "pixel" (x_hat_t
+    # decoded through the teacher's VAE inside the loss, compared with the clean image).
+    c.d_x_space = "latent"
+    # Classifier-free guidance of the CoDi target (codi / pe_codi, text-guided tasks): the
+    # target's output is uncond + w (cond - uncond), cond read with the batch's per-example
+    # prompt embeddings and uncond with the teacher's stored (empty-prompt) embedding.
+    # 1.0 = off (one target call; SR with the stored prompt needs nothing else).
+    c.guidance_scale = 1.0
     # c of the pseudo-Huber distance sqrt(mean((a - b)^2) + c^2) - c (per example); this is the
     # improved-consistency-training form sqrt(||a - b||^2 + c'^2) - c' with c' = c sqrt(dim),
     # divided by sqrt(dim), so c = 0.00054 is that paper's default.
@@ -137,6 +147,14 @@ def validate_distill_config(cfg: ml_collections.ConfigDict) -> ml_collections.Co
                        ("gd.weighting", GD_WEIGHTINGS)):
         checks.choice(cfg, key, valid, prefix=p)
     checks.number(cfg, "lambda_x", 0, prefix=p)
+    checks.choice(cfg, "d_x_space", D_X_SPACES, prefix=p)
+    checks.number(cfg, "guidance_scale", 0, prefix=p)
+    if cfg.guidance_scale != 1.0 and cfg.objective not in ("codi", "pe_codi"):
+        raise ValueError(f"distill.guidance_scale={cfg.guidance_scale} guides the CoDi target; "
+                         f"objective {cfg.objective!r} does not read it (set it to 1.0)")
+    if cfg.d_x_space == "pixel" and cfg.objective not in ("codi", "pe_codi"):
+        raise ValueError(f"distill.d_x_space='pixel' is a CoDi option; objective "
+                         f"{cfg.objective!r} has no d_x (set it to 'latent')")
     for key in ("snr_gamma", "pseudo_huber_c", "cm.sigma_data", "cm.time_scale"):
         checks.number(cfg, key, 0, lo_open=True, prefix=p)
     checks.number(cfg, "cm.eps_t_min", 0, 1, hi_open=True, prefix=p)

@@ -58,9 +58,11 @@ def compute_loss(
     target_params: Any = None,
     finetuned_params: Any = None,
     prediction_type: str = "v_prediction",
+    decode: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss of `cfg.objective` ("pe_codi" is the CoDi loss; the trainer freezes the backbone),
-    with the network read in its `prediction_type` (the teacher's, `diffusion.prediction_type`)."""
+    with the network read in its `prediction_type` (the teacher's, `diffusion.prediction_type`).
+    `decode(batch, latents) -> images`: CoDi's pixel-space d_x for a latent teacher."""
     objective = cfg.objective
     spec = objective_spec(objective)
     if spec.uses_target and target_params is None:
@@ -69,7 +71,7 @@ def compute_loss(
         raise ValueError(f"objective {objective!r} needs finetuned_params")
     if objective in ("codi", "pe_codi"):
         return codi_loss(apply_fn, params, target_params, batch, rng, schedule=schedule, cfg=cfg,
-                         prediction_type=prediction_type)
+                         prediction_type=prediction_type, decode=decode)
     if objective == "finetune":
         return diffusion_loss(apply_fn, params, batch, rng, schedule=schedule,
                               weighting=cfg.diffusion_weighting, snr_gamma=cfg.snr_gamma,

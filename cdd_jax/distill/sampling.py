@@ -26,7 +26,7 @@ import numpy as np
 from cdd_jax.diffusion import SAMPLERS, Schedule, add_noise, released_grid, sample, time_grid
 from cdd_jax.diffusion.parameterization import denoise
 from cdd_jax.distill.baselines import consistency_fn
-from cdd_jax.distill.codi import ApplyFn, as_model_fn
+from cdd_jax.distill.codi import ApplyFn, as_model_fn, condition_image
 
 GRIDS = ("uniform", "released")
 RENOISE = ("ddim", "fresh")
@@ -56,7 +56,7 @@ def _start(cond: jax.Array | None, rng: jax.Array, shape: tuple[int, ...] | None
     if shape is None:
         if cond is None:
             raise ValueError("give `shape` when sampling without a condition (cond is None)")
-        shape = tuple(cond.shape)
+        shape = tuple(condition_image(cond).shape)
     return jax.random.normal(rng, shape, jnp.float32)
 
 

@@ -6,7 +6,7 @@ objective and sampler in `cdd_jax.distill` calls.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -35,9 +35,15 @@ def unet_apply_fn(model: Backbone, timestep_scale: float = 1.0) -> ApplyFn:
 
 
 def conditional_apply_fn(model: ConditionalUNet) -> ApplyFn:
-    """The conditional network (U-Net + control encoder); `cond` is the condition image."""
+    """The conditional network (U-Net + control encoder). `cond` is the condition image, or a
+    mapping {"image": condition image, "prompt_embeds": [B, T, D]} whose per-example prompt
+    embeddings replace the network's stored one (`cdd_jax.distill.codi.unpack_batch` makes it
+    from a batch with a "prompt_embeds" entry)."""
 
     def apply_fn(params, z, t, cond, rng):
-        return model.apply({"params": params}, z, t, cond, **_mode(rng))
+        embeds = None
+        if isinstance(cond, Mapping):
+            cond, embeds = cond["image"], cond.get("prompt_embeds")
+        return model.apply({"params": params}, z, t, cond, prompt_embeds=embeds, **_mode(rng))
 
     return apply_fn

@@ -185,6 +185,17 @@ class PromptEmbedding(nn.Module):
         return jnp.broadcast_to(e, (batch, self.tokens, self.width))
 
 
+def per_example_context(prompt_embeds, batch: int, width: int, dtype) -> jax.Array:
+    """Per-example prompt embeddings [B, T', D] checked against the network: B the batch and D
+    the U-Net's cross-attention width (`model.prompt_embed_dim`); any number of tokens T'."""
+    shape = tuple(prompt_embeds.shape)
+    if len(shape) != 3 or shape[0] != batch or shape[2] != width:
+        raise ValueError(f"per-example prompt embeddings must have shape [batch={batch}, tokens, "
+                         f"width={width}] (the teacher U-Net's cross-attention width, "
+                         f"model.prompt_embed_dim); got {shape}")
+    return jnp.asarray(prompt_embeds, dtype)
+
+
 class ConditionalUNet(nn.Module):
     """`apply({'params': p}, z_t, t, cond, train=False) -> the network output` (in the
     teacher's parameterisation)."""
@@ -228,7 +239,9 @@ class ConditionalUNet(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, z_t, t, cond, train: bool = False):
+    def __call__(self, z_t, t, cond, train: bool = False, prompt_embeds=None):
+        """`prompt_embeds`: optional per-example prompt embeddings [B, T', D] that replace the
+        stored fixed embedding (a text-conditioned network only; D its cross-attention width)."""
         f = self.latent_factor
         want = (z_t.shape[0], z_t.shape[1] * f, z_t.shape[2] * f)
         if cond is None or cond.ndim != 4 or tuple(cond.shape[:3]) != want:
@@ -242,7 +255,12 @@ class ConditionalUNet(nn.Module):
         if self.prompt_tokens:
             width = self.unet.config["cross_attention_dim"]
             context = PromptEmbedding(self.prompt_tokens, width, name="text")(z_t.shape[0])
+            if prompt_embeds is not None:
+                context = per_example_context(prompt_embeds, z_t.shape[0], width, context.dtype)
             text = {"encoder_hidden_states": context}
+        elif prompt_embeds is not None:
+            raise ValueError("prompt embeddings were given, but this network takes no text "
+                             "(only a model.family='unet2d_condition' teacher reads them)")
         control = ControlEncoder(self.unet.clone(parent=None), self.gate, self.cond_embed_ch,
                                  self.input_gate, self.cond_embed_zero_init,
                                  int(f).bit_length() - 1, name="control")

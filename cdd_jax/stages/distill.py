@@ -18,6 +18,7 @@ import ml_collections
 from cdd_jax.convert.sd import load_prompt_embeds, load_vae
 from cdd_jax.data.pipeline import build_train_dataset, make_sr_transform
 from cdd_jax.diffusion import Schedule, get_schedule
+from cdd_jax.distill.codi import condition_image
 from cdd_jax.distill.objectives import compute_loss, objective_spec
 from cdd_jax.distill.sampling import few_step_sample
 from cdd_jax.models.apply import ApplyFn, conditional_apply_fn
@@ -47,7 +48,7 @@ def student_sampler(config: ml_collections.ConfigDict, apply_fn: ApplyFn, schedu
     student in its own space (pixels, or latents decoded through `space` with `vae_params`)."""
 
     def sample(params, cond, rng, num_steps: int, renoise: str):
-        shape = None if space is None else space.shape(cond.shape)
+        shape = None if space is None else space.shape(condition_image(cond).shape)
         x = few_step_sample(apply_fn, params, cond, rng, schedule=schedule, num_steps=num_steps,
                             grid=config.evaluate.grid, renoise=renoise, shape=shape,
                             prediction_type=config.diffusion.prediction_type)
@@ -114,10 +115,16 @@ def distill_job(config: ml_collections.ConfigDict, teacher_params: PyTree, eval_
     if spec.uses_finetuned and finetuned_params is None:
         raise ValueError(f"objective {dcfg.objective!r} needs a fine-tuned conditional model")
 
+    pixel_d_x = space is not None and dcfg.d_x_space == "pixel"
+    decode = None
+    if pixel_d_x:  # the VAE is a step argument (Job.frozen_inputs), read as batch["frozen"]
+        def decode(batch, latents):
+            return space.decode(batch["frozen"], latents)
+
     def loss_fn(params, target_params, finetuned, batch, rng):
         return compute_loss(apply_fn, params, batch, rng, schedule=schedule, cfg=dcfg,
                             target_params=target_params, finetuned_params=finetuned,
-                            prediction_type=config.diffusion.prediction_type)
+                            prediction_type=config.diffusion.prediction_type, decode=decode)
 
     sampler = student_sampler(config, apply_fn, schedule, space, vae_params)
     student_psnr = _heldout_psnr(config, sampler, eval_set)
@@ -134,7 +141,8 @@ def distill_job(config: ml_collections.ConfigDict, teacher_params: PyTree, eval_
         eval_fn=lambda s: {k: float(v) for k, v in student_psnr(s.ema_params).items()},
         make_dataset=lambda pi, pc: build_train_dataset(config.data, task="sr", sr_transform=sr,
                                                         process_index=pi, process_count=pc),
-        prepare_batch=None if space is None else space.encoder(vae_params),
+        prepare_batch=None if space is None else space.encoder(vae_params, pixel_d_x),
+        frozen_inputs={"vae": vae_params} if pixel_d_x else None,
     )
     return job, apply_fn, schedule
 

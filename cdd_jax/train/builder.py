@@ -82,6 +82,7 @@ class TrainStep:
     state_shardings: Any
     labels: PyTree
     finetuned: PyTree  # Device copy of `Job.finetuned_params` (None if the job has none).
+    frozen_inputs: PyTree  # Device copy of `Job.frozen_inputs`, replicated (or None).
     base_rng: jax.Array
     jitted: Any
     compiled: Any = None
@@ -96,14 +97,16 @@ class TrainStep:
         """Lowers and compiles the step ahead of time for `batch`'s shapes."""
         with sharding_context(self.mesh, self.rules):  # binds activation constraints
             t0 = time.perf_counter()
-            lowered = self.jitted.lower(self.state, batch, self.base_rng, self.finetuned)
+            lowered = self.jitted.lower(self.state, batch, self.base_rng, self.finetuned,
+                                        self.frozen_inputs)
             t1 = time.perf_counter()
             self.compiled = lowered.compile()
             self.trace_s, self.compile_s = t1 - t0, time.perf_counter() - t1
         return self
 
     def __call__(self, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
-        self.state, metrics = self.compiled(self.state, batch, self.base_rng, self.finetuned)
+        self.state, metrics = self.compiled(self.state, batch, self.base_rng, self.finetuned,
+                                            self.frozen_inputs)
         return self.state, metrics
 
     def info(self) -> dict[str, float]:
@@ -163,15 +166,21 @@ def build_train_step(job: Job, config: ml_collections.ConfigDict, *, donate: boo
     inner = make_train_step(job.loss_fn, tx, labels, ema=job.ema, target_ema=job.target_ema,
                             lr_schedules={k: v for k, v in schedules.items() if k in present})
 
-    def step_fn(state, batch, base_rng, finetuned_params):
+    frozen_inputs = job.frozen_inputs
+    if frozen_inputs is not None:
+        frozen_inputs = jax.device_put(frozen_inputs, replicated(mesh))
+
+    def step_fn(state, batch, base_rng, finetuned_params, frozen):
         rng = jax.random.fold_in(base_rng, state.step)
-        return inner(state, batch, rng, finetuned_params)
+        return inner(state, batch, rng, finetuned_params, frozen)
 
     jitted = jax.jit(step_fn,
-                     in_shardings=(state_sh, batch_sharding(mesh), replicated(mesh), finetuned_sh),
+                     in_shardings=(state_sh, batch_sharding(mesh), replicated(mesh), finetuned_sh,
+                                   None if frozen_inputs is None else replicated(mesh)),
                      out_shardings=(state_sh, replicated(mesh)),
                      donate_argnums=(0,) if donate else ())
     return TrainStep(mesh, config.mesh.logical_axis_rules, state, state_sh, labels, finetuned,
+                     frozen_inputs,
                      base_rng, jitted)
 
 

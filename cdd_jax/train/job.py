@@ -33,3 +33,7 @@ class Job:
     # images encoded into a frozen autoencoder's latent space); deterministic, so a resumed run
     # sees the same batches. None: the batch as the data pipeline made it.
     prepare_batch: Callable[[dict], dict] | None = None
+    # Frozen arrays the loss reads besides the networks, by name (e.g. {"vae": VAE params} for a
+    # pixel-space d_x): arguments of the step (replicated), not constants of its program, and
+    # out of the train state; the loss finds them in `batch["frozen"]`. None: no such inputs.
+    frozen_inputs: dict | None = None

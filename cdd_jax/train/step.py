@@ -57,12 +57,14 @@ def make_train_step(
     ema: Any,
     target_ema: Any | None = None,
     lr_schedules: dict[str, optax.Schedule] | None = None,
-) -> Callable[[TrainState, dict, jax.Array, PyTree], tuple[TrainState, dict]]:
+) -> Callable[..., tuple[TrainState, dict]]:
     """Builds the step. `ema` / `target_ema` are config sections with `decay` and `warmup`."""
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array,
-                   finetuned_params: PyTree = None):
+                   finetuned_params: PyTree = None, frozen_inputs: dict | None = None):
         trainable, frozen = split_trainable(state.params, labels)
+        if frozen_inputs is not None:  # `Job.frozen_inputs`, read by the loss as batch["frozen"]
+            batch = {**batch, "frozen": frozen_inputs}
 
         def objective(tr):
             return loss_fn(merge(tr, frozen), state.target_params, finetuned_params, batch, rng)

@@ -32,6 +32,7 @@ def _recipe(folder):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # 549 s alone on 2 cores (6.5 GB); over 600 s beside other jobs
 def test_sd_recipe_builds_shards_and_compiles_on_8_devices(tmp_path, caplog):
     assert jax.device_count() == 8
     config = _recipe(make_sd15_standin(tmp_path / "sd15"))

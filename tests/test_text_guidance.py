@@ -140,22 +140,16 @@ def test_pixel_d_x_compares_decoded_prediction_with_clean_pixels():
                   decode=decode)
 
 
-def test_config_names_guidance_and_pixel_d_x_misuse():
+@pytest.mark.parametrize("overrides, message", [
+    (dict(guidance_scale=2.0), "guides a text-conditioned"),
+    (dict(d_x_space="pixel"), "already works in pixels"),
+    (dict(objective="cm", guidance_scale=2.0), "does not read it"),
+    (dict(d_x_space="latents"), "d_x_space"),
+])
+def test_config_names_guidance_and_pixel_d_x_misuse(overrides, message):
     c = presets.sr_config("tiny")
-    c.distill.guidance_scale = 2.0
-    with pytest.raises(ValueError, match="guides a text-conditioned"):
-        validate_config(c)
-    c = presets.sr_config("tiny")
-    c.distill.d_x_space = "pixel"
-    with pytest.raises(ValueError, match="already works in pixels"):
-        validate_config(c)
-    c = presets.sr_config("tiny")
-    c.distill.update(objective="cm", guidance_scale=2.0)
-    with pytest.raises(ValueError, match="does not read it"):
-        validate_config(c)
-    c = presets.sr_config("tiny")
-    c.distill.d_x_space = "latents"
-    with pytest.raises(ValueError, match="d_x_space"):
+    c.distill.update(**overrides)
+    with pytest.raises(ValueError, match=message):
         validate_config(c)
 
 

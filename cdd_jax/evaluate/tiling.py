@@ -119,12 +119,6 @@ def make_grid(height: int, width: int, tile: int, overlap: int, *, align: int = 
                 _count(height, start_y, tile, stride), _count(width, start_x, tile, stride))
 
 
-def pad_to_canvas(image: np.ndarray, grid: Grid) -> np.ndarray:
-    """The image (H, W, C) reflect-padded to the grid's canvas (the value at a global position
-    does not depend on the grid)."""
-    return np.pad(image, (*grid.pads, (0, 0)), mode="reflect")
-
-
 def reflect_index(index: np.ndarray, n: int) -> np.ndarray:
     """Where `np.pad(..., mode="reflect")` reads position `index` (any integer, in or outside
     [0, n)) of an axis of length `n`: mirrored at the end samples, which are not repeated."""
@@ -248,10 +242,10 @@ def tile_sampler(sample: TileSampleFn, tile: int, channels: int = 3):
 def condition_rows(lr: np.ndarray, grid: Grid, y0: int, scale: int) -> np.ndarray:
     """Canvas rows [y0, y0 + tile) of the condition, all canvas columns: `lr` upsampled by cv2
     bicubic, clipped to [0, 1], mapped to [-1, 1] (as the training pairs' `cond`) and
-    reflect-padded to the canvas, exactly as if the whole image were upsampled and padded
-    (`pad_to_canvas`), but computed from the few low-resolution rows these output rows depend on
-    (bicubic reads 2 input rows either side; 3 are taken). Memory: a band of the tile's height,
-    whatever the image's."""
+    reflect-padded to the canvas, exactly as if the whole image were upsampled and padded by
+    `np.pad(..., grid.pads, mode="reflect")`, but computed from the few low-resolution rows these
+    output rows depend on (bicubic reads 2 input rows either side; 3 are taken). Memory: a band
+    of the tile's height, whatever the image's."""
     (top, _), (left, _) = grid.pads
     rows = reflect_index(np.arange(y0, y0 + grid.tile) - top, grid.height)
     cols = reflect_index(np.arange(grid.canvas_shape[1]) - left, grid.width)

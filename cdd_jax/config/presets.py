@@ -166,7 +166,9 @@ def sd_config(variant: str = "large") -> ml_collections.ConfigDict:
     8 devices per data replica, rematerialised blocks, ControlNet's condition embedder widths.
     SD 2.1 (768, v-prediction): teacher.checkpoint=stabilityai/stable-diffusion-2-1,
     diffusion.prediction_type=v_prediction, model.prompt_embed_dim=1024. The teacher folder needs
-    the stored prompt embedding (`cdd_jax.convert.sd.compute_prompt_embeds`, once).
+    the stored prompt embedding (`cdd_jax.convert.sd.compute_prompt_embeds`, once). Per-example
+    prompts: a captioned image folder (data.source="folder", data.prompts="captions";
+    `python -m cdd_jax.convert.captions`).
     "tiny": tests and this CPU, on a locally made SD-style folder (teacher.checkpoint required).
     """
     if variant not in SD_VARIANTS:

@@ -43,6 +43,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     # The mesh and the batch against the devices present: builds no mesh, compiles nothing.
     check_mesh_config(config.mesh, config.data.batch_size, process_count=jax.process_count())
     _check_model_fits_crops(config)
+    if config.data.prompts != "none" and (config.stage != "sr"
+                                          or config.model.family != "unet2d_condition"):
+        raise ValueError(f"data.prompts={config.data.prompts!r} feeds per-example prompts to a "
+                         "text-conditioned teacher: it needs stage 'sr' and model.family "
+                         f"'unet2d_condition', got stage {config.stage!r}, model.family "
+                         f"{config.model.family!r}")
     if config.stage in ("sr", "table1"):
         _validate_distillation(config)
 

@@ -79,21 +79,45 @@ def load_vae(path: str | os.PathLike, **kw) -> tuple[nn.Module, dict]:
     return load_diffusers(resolve(path, _PATTERNS), subfolder="vae", **kw)
 
 
-def compute_prompt_embeds(folder: str | os.PathLike, prompt: str = "") -> np.ndarray:
-    """Encodes `prompt` with the pipeline's own CLIP tokenizer + text encoder (torch and
-    transformers, imported here only) as the SD pipelines do (padded to the tokenizer's maximum
-    length, the text encoder's last hidden state), stores it and returns it."""
-    import torch
-    from transformers import CLIPTextModel, CLIPTokenizer
+def encode_prompts(folder: str | os.PathLike, prompts: list[str], *, batch_size: int = 32,
+                   progress=None) -> np.ndarray:
+    """[N, T, D] float32: each prompt encoded with the pipeline's own CLIP tokenizer + text
+    encoder (torch and transformers, imported here only) as the SD pipelines do (padded to the
+    tokenizer's maximum length, truncated there, the text encoder's last hidden state).
+    `progress`: optional callable(number done) after each batch."""
+    try:
+        import torch
+        from transformers import CLIPTextModel, CLIPTokenizer
+    except ImportError as e:
+        raise ImportError("encoding prompts needs torch and transformers (pip install "
+                          "'cdd_jax[peers]'); or write the embeddings with another encoder "
+                          "(cdd_jax.convert.sd.save_prompt_embeds, "
+                          "cdd_jax.data.captions.write_prompt_embeds)") from e
 
     root = Path(folder)
+    for sub in ("tokenizer", "text_encoder"):
+        if not (root / sub).is_dir():
+            raise ValueError(f"{str(folder)!r} has no {sub}/: encoding prompts needs the "
+                             "pipeline's own tokenizer and text encoder")
     tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
     encoder = CLIPTextModel.from_pretrained(root / "text_encoder").eval()
-    ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        embeds = encoder(ids)[0].float().numpy()
-    save_prompt_embeds(root, embeds, prompt)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ids = tokenizer(list(prompts[start:start + batch_size]), padding="max_length",
+                        max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        with torch.no_grad():
+            out.append(encoder(ids)[0].float().numpy())
+        if progress is not None:
+            progress(min(start + batch_size, len(prompts)))
+    return np.concatenate(out).astype(np.float32)
+
+
+def compute_prompt_embeds(folder: str | os.PathLike, prompt: str = "") -> np.ndarray:
+    """Encodes `prompt` with the pipeline's own text encoder (`encode_prompts`: needs torch and
+    transformers), stores it in the folder as its fixed prompt embedding and returns it."""
+    embeds = encode_prompts(folder, [prompt])
+    save_prompt_embeds(folder, embeds, prompt)
     return embeds
 
 

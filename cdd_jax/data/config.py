@@ -10,6 +10,7 @@ from cdd_jax import config_checks as checks
 SOURCES = ("bundled", "folder", "tfds", "paired_folders", "tfds_paired")
 # Sources of aligned (LR, HR) pairs (cdd_jax.data.paired): crops of both instead of degradation.
 PAIRED_SOURCES = ("paired_folders", "tfds_paired")
+PROMPTS = ("none", "captions")
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -78,6 +79,15 @@ def data_config() -> ml_collections.ConfigDict:
     # Records are repeated within an epoch until an epoch has at least this many crops, so tiny
     # datasets (the 7 bundled training photos) still shuffle over many crops per epoch.
     c.min_records_per_epoch = 512
+    # Per-example prompts of a text-conditioned teacher: "none" (the teacher's stored prompt) or
+    # "captions" (source="folder": each image's caption embedding, from the folder's
+    # cdd_jax_prompt_embeds.safetensors; cdd_jax.data.captions). Training reads them; the
+    # evaluation samples with the teacher's stored prompt.
+    c.prompts = "none"
+    # With prompts="captions": a training example's embedding is replaced by the empty prompt's
+    # with this probability (so the model also learns the unconditional branch that
+    # classifier-free guidance needs); 0 = never.
+    c.prompt_dropout = 0.0
     # Number of fixed evaluation crops taken from the eval split (cycled over its images).
     c.num_eval_crops = 64
     # Seed of the evaluation crops (and their degradations); the eval set is identical each call.
@@ -101,6 +111,14 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
         checks.boolean(cfg, key, prefix="data.")
     checks.number(cfg, "scale", 1, integer=True, prefix="data.")
     checks.number(cfg, "eval_fraction", 0, 1, lo_open=True, hi_open=True, prefix="data.")
+    checks.choice(cfg, "prompts", PROMPTS, prefix="data.")
+    checks.number(cfg, "prompt_dropout", 0, 1, hi_open=True, prefix="data.")
+    if cfg.prompts == "captions" and cfg.source != "folder":
+        raise ValueError(f"data.prompts='captions' reads captioned image folders: it needs "
+                         f"data.source='folder', got {cfg.source!r}")
+    if cfg.prompt_dropout and cfg.prompts == "none":
+        raise ValueError("data.prompt_dropout drops per-example prompts: it needs "
+                         "data.prompts='captions'")
     if cfg.source in PAIRED_SOURCES:
         _validate_paired(cfg)
     if cfg.source == "folder" and not cfg.folder:

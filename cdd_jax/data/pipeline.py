@@ -38,6 +38,7 @@ import numpy as np
 from absl import flags
 
 from cdd_jax.data import sources
+from cdd_jax.data.captions import CaptionedFolderSource, WithPrompt
 from cdd_jax.data.config import PAIRED_SOURCES, validate_data_config
 from cdd_jax.data.degradations import SRPairTransform
 from cdd_jax.data.images import pad_to_min_size
@@ -63,13 +64,16 @@ def to_float(image: np.ndarray) -> np.ndarray:
 
 
 class PadToRecord(grain.transforms.Map):
-    """uint8 image -> {"image": image reflect-padded to at least min_size x min_size}."""
+    """uint8 image -> {"image": image reflect-padded to at least min_size x min_size}; a record
+    {"image", ...} (a captioned source's) keeps its other entries."""
 
     def __init__(self, min_size: int):
         self.min_size = int(min_size)
 
-    def map(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        return {"image": pad_to_min_size(image, self.min_size, self.min_size)}
+    def map(self, image: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        record = dict(image) if isinstance(image, dict) else {"image": image}
+        record["image"] = pad_to_min_size(record["image"], self.min_size, self.min_size)
+        return record
 
 
 class HighResolutionOnly(grain.transforms.Map):
@@ -143,7 +147,16 @@ def make_source(data_cfg: ml_collections.ConfigDict, split: str) -> Any:
     (`sources.make_source`) or a source of aligned pairs (`paired.make_paired_source`)."""
     if data_cfg.source in PAIRED_SOURCES:
         return make_paired_source(data_cfg, split)
+    if data_cfg.prompts == "captions":
+        return CaptionedFolderSource(sources.folder_of(data_cfg, split))
     return sources.make_source(data_cfg, split)
+
+
+def _with_prompts(transform, source, dropout: float):
+    """`transform` carrying a captioned source's "prompt_embeds" through (with `dropout`)."""
+    if not getattr(source, "prompts", False):
+        return transform
+    return WithPrompt(transform, dropout, source.empty_embedding)
 
 
 def make_sr_transform(
@@ -219,6 +232,7 @@ def build_train_dataset(
         ds = ds.shuffle(seed=derive_seed(data_cfg.seed, _SHUFFLE))
     ds = ds.repeat(None)  # reseed_each_epoch: the shuffle above changes every epoch.
     ds = _records(ds, data_cfg, source, transform)
+    transform = _with_prompts(transform, source, data_cfg.prompt_dropout)
     ds = ds.random_map(transform, seed=derive_seed(data_cfg.seed, _TRAIN_TRANSFORM))
     ds = ds.batch(batch, drop_remainder=True)
     return ds[process_index::process_count]
@@ -297,6 +311,7 @@ def make_eval_set(
     n = len(source)
     ds = grain.MapDataset.source(source).repeat(math.ceil(num_crops / n), reseed_each_epoch=False)
     ds = _records(ds, data_cfg, source, transform)
+    transform = _with_prompts(transform, source, 0.0)
     ds = ds.random_map(transform, seed=derive_seed(seed, _EVAL_TRANSFORM))
     records = [ds[i] for i in range(num_crops)]
     return {k: np.stack([r[k] for r in records]) for k in records[0]}

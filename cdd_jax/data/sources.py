@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import ml_collections
@@ -56,9 +56,11 @@ def list_files(path: str | os.PathLike, recursive: bool = True) -> list[str]:
 
 
 def scan_image_folder(
-    path: str | os.PathLike, recursive: bool = True, verify: str = "header"
+    path: str | os.PathLike, recursive: bool = True, verify: str = "header",
+    ignore: Callable[[str], bool] | None = None,
 ) -> tuple[list[str], list[tuple[str, str]]]:
-    """Splits the files under `path` into usable images and skipped files (with reasons).
+    """Splits the files under `path` into usable images and skipped files (with reasons);
+    files for which `ignore(path)` is true (e.g. a captioned folder's captions) are neither.
 
     verify: "header" opens each file with PIL and verifies its structure without decoding the
     pixels (cheap; catches non-images, empty, random-byte and most corrupt files), "decode" fully
@@ -73,6 +75,8 @@ def scan_image_folder(
     good: list[str] = []
     skipped: list[tuple[str, str]] = []
     for file in list_files(root, recursive):
+        if ignore is not None and ignore(file):
+            continue
         if not file.lower().endswith(IMAGE_EXTENSIONS):
             skipped.append((file, "not an image file extension"))
             continue
@@ -108,9 +112,10 @@ class ImageFolderSource:
     stop a long run; the replacement is deterministic, so batches stay reproducible.
     """
 
-    def __init__(self, path: str | os.PathLike, recursive: bool = True, verify: str = "header"):
+    def __init__(self, path: str | os.PathLike, recursive: bool = True, verify: str = "header",
+                 ignore: Callable[[str], bool] | None = None):
         self.path = os.fspath(path)
-        self.files, self.skipped = scan_image_folder(self.path, recursive, verify)
+        self.files, self.skipped = scan_image_folder(self.path, recursive, verify, ignore)
         if self.skipped:
             reasons = Counter(
                 "not an image" if r == "not an image file extension" else "unreadable"
@@ -138,12 +143,16 @@ class ImageFolderSource:
         return len(self.files)
 
     def __getitem__(self, index: int) -> np.ndarray:
+        return self.load(index)[1]
+
+    def load(self, index: int) -> tuple[str, np.ndarray]:
+        """(file, image) of `index`: its image, or the next readable one if it fails to decode."""
         n = len(self.files)
         errors = []
         for offset in range(min(n, 16)):
             file = self.files[(int(index) + offset) % n]
             try:
-                return decode_image(file)
+                return file, decode_image(file)
             except ValueError as e:
                 logger.warning("ImageFolderSource: %s; using the next image instead", e)
                 errors.append(str(e))
@@ -258,6 +267,23 @@ class TfdsImageSource:
 # ----------------------------------------------------------------------------- from config
 
 
+def folder_of(data_cfg: ml_collections.ConfigDict, split: str) -> str:
+    """The image folder of split "train" or "eval" for data.source="folder"."""
+    folder = data_cfg.folder
+    if split == "eval":
+        if data_cfg.eval_folder:
+            folder = data_cfg.eval_folder
+        else:
+            logger.warning(
+                "data.eval_folder is not set: evaluation crops come from the training folder "
+                "%r and are NOT held out",
+                folder,
+            )
+    if not folder:
+        raise ValueError("data.source='folder' needs data.folder (a directory of images)")
+    return folder
+
+
 def make_source(data_cfg: ml_collections.ConfigDict, split: str) -> ImageSource:
     """The source named by `data_cfg.source` for split "train" or "eval"."""
     if split not in ("train", "eval"):
@@ -265,19 +291,7 @@ def make_source(data_cfg: ml_collections.ConfigDict, split: str) -> ImageSource:
     if data_cfg.source == "bundled":
         return BundledImages(split)
     if data_cfg.source == "folder":
-        folder = data_cfg.folder
-        if split == "eval":
-            if data_cfg.eval_folder:
-                folder = data_cfg.eval_folder
-            else:
-                logger.warning(
-                    "data.eval_folder is not set: evaluation crops come from the training folder "
-                    "%r and are NOT held out",
-                    folder,
-                )
-        if not folder:
-            raise ValueError("data.source='folder' needs data.folder (a directory of images)")
-        return ImageFolderSource(folder)
+        return ImageFolderSource(folder_of(data_cfg, split))
     if data_cfg.source == "tfds":
         if not data_cfg.tfds_name:
             raise ValueError("data.source='tfds' needs data.tfds_name")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cdd_jax.convert.sd import load_prompt_embeds, load_vae
+from cdd_jax.data.captions import check_caption_shapes
 from cdd_jax.data.pipeline import build_train_dataset, make_sr_transform
 from cdd_jax.diffusion import Schedule, get_schedule
 from cdd_jax.distill.codi import condition_image
@@ -98,6 +99,8 @@ def distill_job(config: ml_collections.ConfigDict, teacher_params: PyTree, eval_
     model, apply_fn = conditional_model(config)
     schedule = get_schedule(config.diffusion.schedule)
     space, vae_params, prompt_embeds = latent_space(config)
+    if config.data.prompts == "captions":
+        check_caption_shapes(config.data, prompt_embeds.shape[1:])
     size = config.data.crop_size
     cond0 = jnp.zeros((1, size, size, 3))
     z0 = cond0 if space is None else jnp.zeros(space.shape(cond0.shape))

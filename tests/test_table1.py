@@ -573,6 +573,20 @@ def test_the_direct_cm_section_concerns_only_that_row(tmp_path):
         table1.load_finished_row(row_dir, direct, "direct_cm")
 
 
+def test_a_row_saved_before_an_option_existed_is_reused_only_at_its_default(tmp_path):
+    """eval.json written before `data.prompts` existed: reused while the option keeps its
+    default (the old behaviour), refused once it is changed."""
+    cfg = presets.table1_config("tiny")
+    row_dir = str(tmp_path / "codi")
+    codi = table1.result_settings(cfg, "codi")
+    older = {k: v for k, v in codi.items() if not k.startswith("data.prompt")}
+    assert len(older) == len(codi) - 2
+    table1.save_row(row_dir, [], {}, older)
+    assert table1.load_finished_row(row_dir, codi, "codi") == ([], {})
+    with pytest.raises(ValueError, match="data.prompt_dropout: 0.0 -> 0.5"):
+        table1.load_finished_row(row_dir, {**codi, "data.prompt_dropout": 0.5}, "codi")
+
+
 @pytest.mark.parametrize("row", ["cm", "direct_cm"])  # both distil the fine-tuned model
 def test_a_row_needing_the_finetuned_model_trains_it_without_evaluating_it(
     tmp_path, monkeypatch, row

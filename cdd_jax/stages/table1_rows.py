@@ -40,10 +40,19 @@ _IGNORED_FOR_REUSE = (
     "evaluate.photos",
     "mesh",
 )
+# Options added after Table 1 rows were first saved, with the value that is the behaviour of
+# before: a row saved without the key is reused while the option keeps that value.
+ADDED_OPTIONS = {"data.prompts": "none", "data.prompt_dropout": 0.0}
 # Config sections that only some rows read: another row is reused even if they differ.
 _ROW_ONLY_SECTIONS = {"distill.direct_cm": ("direct_cm",)}
 
 
+
+
+def _added_key_value(key: str):
+    """The value meaning "as before" of a setting that an older eval.json lacks (None for a key
+    not in ADDED_OPTIONS: then any value is a difference)."""
+    return ADDED_OPTIONS.get(key)
 
 
 def _flat(d: Mapping, prefix: str = "") -> dict:
@@ -82,6 +91,8 @@ def load_finished_row(
     with open(path) as f:
         saved = json.load(f)
     old = {k: v for k, v in saved.get("settings", {}).items() if not _ignored(k, row)}
+    for key in settings.keys() - saved.get("settings", {}).keys():
+        old[key] = _added_key_value(key)  # an option added since: what it meant then
     diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
     if diff:
         raise ValueError(

@@ -292,6 +292,32 @@ def test_harness_timing_excludes_warmup_and_counts_every_batch(pair):
     assert 0.04 <= total < 0.4, total
 
 
+def test_harness_gives_each_image_its_own_prompt_and_only_to_methods_that_read_them(pair):
+    """A method with prompts=True gets cond = {"image", "prompt_embeds"} batch by batch (the
+    last batch padded like the images); the others get the bare condition."""
+    n = pair["cond"].shape[0]
+    prompts = np.arange(n, dtype=np.float32)[:, None, None] * np.ones((1, 3, 2), np.float32)
+    seen = []
+
+    def fn(cond, lq, rng):
+        assert set(cond) == {"image", "prompt_embeds"}
+        seen.append(np.asarray(cond["prompt_embeds"][:, 0, 0]))
+        # Image i moved by 0.01 * its own prompt value: the scores tell which prompt it got.
+        return cond["image"] + 0.01 * cond["prompt_embeds"][:, 0, 0][:, None, None, None]
+
+    data = {**pair, "prompt_embeds": prompts}
+    methods = {"p": MethodSpec("p", "none", 1, fn, prompts=True), "b": bicubic_method()}
+    res = evaluate_methods(methods, data, MetricSuite(("psnr",)), batch_size=3, rng_seed=0,
+                           keep_predictions=n, consistency=False)
+    np.testing.assert_array_equal(np.concatenate(seen), [0, 1, 2, 0, 1, 2, 3, 3, 3])
+    want = pair["cond"] + 0.01 * np.arange(n, dtype=np.float32)[:, None, None, None]
+    np.testing.assert_allclose(res.predictions["p"], want, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(res.predictions["b"], pair["cond"])
+    with pytest.raises(ValueError, match="reads per-example prompts.*no 'prompt_embeds'"):
+        evaluate_methods({"p": methods["p"]}, pair, MetricSuite(("psnr",)), batch_size=3,
+                         rng_seed=0)
+
+
 def test_harness_errors(pair):
     suite = MetricSuite(("psnr",))
     bad_shape = MethodSpec("crop", "none", 0, lambda c, lq, rng: c[:, :16])

@@ -81,8 +81,8 @@ def data_config() -> ml_collections.ConfigDict:
     c.min_records_per_epoch = 512
     # Per-example prompts of a text-conditioned teacher: "none" (the teacher's stored prompt) or
     # "captions" (source="folder": each image's caption embedding, from the folder's
-    # cdd_jax_prompt_embeds.safetensors; cdd_jax.data.captions). Training reads them; the
-    # evaluation samples with the teacher's stored prompt.
+    # cdd_jax_prompt_embeds.safetensors; cdd_jax.data.captions). Training and the evaluation
+    # crops both read them.
     c.prompts = "none"
     # With prompts="captions": a training example's embedding is replaced by the empty prompt's
     # with this probability (so the model also learns the unconditional branch that

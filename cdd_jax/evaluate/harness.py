@@ -50,12 +50,15 @@ class MethodSpec:
       sampler: sampler label (e.g. "ddim", "dpm++2m", "prev", "none").
       steps: number of network evaluations per image (0 for non-neural baselines).
       fn: `fn(cond, lq, rng) -> pred`; may return a jax or numpy array.
+      prompts: fn reads per-example prompts: its cond is {"image": cond, "prompt_embeds":
+        [B, T, D]} from the evaluation set's "prompt_embeds" (a captioned dataset's).
     """
 
     name: str
     sampler: str
     steps: int
     fn: MethodFn
+    prompts: bool = False
 
     def __post_init__(self):
         if not isinstance(self.steps, (int, np.integer)) or self.steps < 0:
@@ -186,6 +189,12 @@ def evaluate_methods(
     scale = _check_eval_set(eval_set, target_key)
     data = {k: np.asarray(eval_set[k], np.float32) for k in ("cond", "lq")}
     data["hq"] = np.asarray(eval_set[target_key], np.float32)
+    if "prompt_embeds" in eval_set:
+        data["prompt_embeds"] = np.asarray(eval_set["prompt_embeds"], np.float32)
+    for key, spec in methods.items():
+        if spec.prompts and "prompt_embeds" not in data:
+            raise ValueError(f"method {key!r} reads per-example prompts but the evaluation set "
+                             f"has no 'prompt_embeds'; it has {sorted(eval_set)}")
     n = data["hq"].shape[0]
     results = EvalResults()
     for key, spec in methods.items():
@@ -225,22 +234,29 @@ def _run_method(key: str, spec: MethodSpec, data: dict[str, np.ndarray], metrics
     cond, lq, hq = data["cond"], data["lq"], data["hq"]
     n = hq.shape[0]
     starts = list(range(0, n, batch_size))
+
+    def cond_batch(start):
+        c = _batch(cond, start, batch_size)
+        if not spec.prompts:
+            return c
+        return {"image": c, "prompt_embeds": _batch(data["prompt_embeds"], start, batch_size)}
+
     # Warm-up (compilation) on the first batch, with a key no timed batch uses.
     warm_key = jax.random.fold_in(base_key, len(starts))
-    jax.block_until_ready(spec.fn(_batch(cond, 0, batch_size), _batch(lq, 0, batch_size),
-                                  warm_key))
+    jax.block_until_ready(spec.fn(cond_batch(0), _batch(lq, 0, batch_size), warm_key))
     seconds = 0.0
     values: dict[str, list[np.ndarray]] = {}
     kept = []
     for i, start in enumerate(starts):
-        c, low = _batch(cond, start, batch_size), _batch(lq, start, batch_size)
+        c, low = cond_batch(start), _batch(lq, start, batch_size)
         t0 = time.perf_counter()
         out = jax.block_until_ready(spec.fn(c, low, jax.random.fold_in(base_key, i)))
         seconds += time.perf_counter() - t0
         real = min(batch_size, n - start)
         pred = np.asarray(out, np.float32)
-        if pred.shape != c.shape:
-            raise ValueError(f"method {key!r} returned shape {pred.shape}, expected {c.shape}")
+        want = (batch_size, *cond.shape[1:])
+        if pred.shape != want:
+            raise ValueError(f"method {key!r} returned shape {pred.shape}, expected {want}")
         pred = pred[:real]
         if not np.all(np.isfinite(pred)):
             raise ValueError(f"method {key!r} returned non-finite values in batch {i}")

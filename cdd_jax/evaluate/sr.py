@@ -108,7 +108,8 @@ def student_methods(config: ml_collections.ConfigDict, apply_fn: ApplyFn, params
             sample = student_sample(config, apply_fn, schedule, k, renoise)
             fn = jax.jit(lambda cond, rng, sample=sample: sample(params, cond, rng))
         methods[key] = MethodSpec(config.distill.objective, f"{renoise}-{ecfg.grid}", k,
-                                  lambda cond, lq, rng, fn=fn: fn(cond, rng))
+                                  lambda cond, lq, rng, fn=fn: fn(cond, rng),
+                                  prompts=config.data.prompts == "captions")
     return methods
 
 

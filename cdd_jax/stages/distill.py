@@ -75,7 +75,10 @@ def _heldout_psnr(config, sampler, eval_set: dict):
     def student_psnr(params):
         out = {}
         for k, renoise in [(1, "ddim")] + [(4, r) for r in config.evaluate.renoise]:
-            x = sampler(params, probe["cond"], jax.random.key(7), k, renoise)
+            cond = probe["cond"]
+            if "prompt_embeds" in probe:  # a captioned dataset: each crop's own prompt
+                cond = {"image": cond, "prompt_embeds": probe["prompt_embeds"]}
+            x = sampler(params, cond, jax.random.key(7), k, renoise)
             mse = jnp.mean((jnp.clip(x, -1, 1) - probe["image"]) ** 2, axis=(1, 2, 3)) / 4.0
             name = f"heldout_psnr_K{k}" + ("" if renoise == "ddim" else f"_{renoise}")
             out[name] = jnp.mean(-10 * jnp.log10(mse))

@@ -82,6 +82,33 @@ def test_condition_reaches_the_latent_resolution_once_gates_open(setup):
     assert a.shape == z.shape
 
 
+def test_a_latent_condition_enters_at_the_latent_size_and_equals_teacher_at_init(setup):
+    """control.cond_space="latent": the condition is a VAE latent of z_t's size, the embedder
+    has no stride-2 conv, and the network is the teacher at init; a pixel condition is named."""
+    teacher, teacher_params, _, _, embeds, z, _ = setup
+    mcfg = model_config()
+    mcfg.family = "unet2d_condition"
+    mcfg.diffusers_config = teacher.config_json
+    ccfg = control_config()
+    ccfg.update(cond_embed_ch=(8, 8, 16), cond_space="latent")
+    model = ConditionalUNet.from_config(mcfg, ccfg, image_size=8 * FACTOR, latent_factor=FACTOR,
+                                        prompt_tokens=TOKENS)
+    cond = jax.random.normal(jax.random.key(4), z.shape)
+    fresh = unbox(jax.jit(model.init)(jax.random.key(2, impl="rbg"), z, jnp.zeros((2,)),
+                                      cond)["params"])
+    params = init_from_teacher(fresh, teacher_params, embeds)
+    t = jnp.array([0.3, 0.8])
+    ref = jax.jit(teacher.apply)({"params": teacher_params}, z, t * 1000.0,
+                                 jnp.broadcast_to(embeds, (2, TOKENS, WIDTH)))
+    apply = jax.jit(conditional_apply_fn(model), static_argnums=4)
+    np.testing.assert_array_equal(np.asarray(apply(params, z, t, cond, None)), np.asarray(ref))
+    # No downsampling: the condition's size is z_t's (the embedder's output is added to z_t's
+    # features, so a strided embedder would not even run).
+    assert model.latent_factor == 1
+    with pytest.raises(ValueError, match=r"spatial size \(2, 8, 8\)"):
+        conditional_apply_fn(model)(params, z, t, jnp.zeros((2, 32, 32, 3)), None)
+
+
 def test_prompt_embedding_never_trains_and_bad_shapes_are_named(setup):
     _, _, model, params, embeds, z, cond = setup
     labels = param_labels(params, freeze_backbone=False)

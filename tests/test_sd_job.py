@@ -175,3 +175,54 @@ def test_captioned_folder_job_trains_on_its_prompts(tmp_path):
     # Measured (2026-12-06): 0.0 and 8.5e-6 (the prompts reach only the mid block's cross-
     # attention of the tiny U-Net, and eps = 1 makes the two updates ~1e-2 x the gradient).
     assert gap_same < 1e-8 and gap_other > 1e-6, (gap_same, gap_other)
+
+
+@pytest.mark.slow
+def test_latent_condition_is_encoded_alike_in_training_and_sampling(tmp_path):
+    """control.cond_space="latent": the job's prepare_batch replaces the condition by its VAE
+    latents, the loss on that batch is finite, and the student's sampler encodes a pixel
+    condition the same way (its first network call sees the latents prepare_batch made)."""
+    import jax
+
+    from cdd_jax.config.validate import validate_config
+    from cdd_jax.convert.sd import load_vae
+    from cdd_jax.models.latent import LatentSpace
+    from cdd_jax.stages.distill import distill_job, student_sampler
+    from cdd_jax.stages.teacher import load_teacher
+
+    folder = make_sd_folder(tmp_path / "sd", "epsilon")
+    c = _config(folder, "epsilon")
+    c.control.cond_space = "latent"
+    validate_config(c)
+    resolve_teacher(c)
+    teacher = load_teacher(c, str(tmp_path))
+    n, size = 4, c.data.crop_size
+    keys = jax.random.split(jax.random.key(0), 2)
+    images = jax.random.uniform(keys[0], (n, size, size, 3), minval=-1)
+    cond = jax.random.uniform(keys[1], (n, size, size, 3), minval=-1)
+    job, apply_fn, schedule = distill_job(c, teacher, {"image": images, "cond": cond})
+    vae, vae_params = load_vae(folder)
+    space = LatentSpace(vae)
+    want = space.encode({"vae": vae_params}, cond)
+    batch = job.prepare_batch({"image": images, "cond": cond})
+    assert batch["cond"].shape == (n, size // 2, size // 2, 4)
+    np.testing.assert_allclose(batch["cond"], want, rtol=1e-6, atol=1e-6)
+    params = job.initial_params
+    _, metrics = jax.jit(job.loss_fn)(params, params, None, batch, jax.random.key(1))
+    assert np.isfinite(float(metrics["loss"]))
+    seen = []
+
+    def spy(p, z, t, cnd, rng=None):
+        seen.append(cnd)
+        return apply_fn(p, z, t, cnd, rng)
+
+    x = student_sampler(c, spy, schedule, space, vae_params)(params, cond, jax.random.key(2), 1,
+                                                             "ddim")
+    assert x.shape == (n, size, size, 3) and np.isfinite(np.asarray(x)).all()
+    np.testing.assert_allclose(seen[0], want, rtol=1e-6, atol=1e-6)
+    from cdd_jax.config.presets import sr_config
+
+    pixel = sr_config("tiny")
+    pixel.control.cond_space = "latent"
+    with pytest.raises(ValueError, match="cond_space='latent'.*unet2d_condition"):
+        validate_config(pixel)

@@ -93,6 +93,13 @@ def _validate_distillation(config: ml_collections.ConfigDict) -> None:
     if photos.splits and config.model.family == "unet2d_condition":
         raise ValueError("evaluate.photos runs pixel-space students only (the tiled path of "
                          "cdd_jax.Upscaler); set evaluate.photos.splits=() for a latent student")
+    if ctl.cond_space == "latent" and config.model.family != "unet2d_condition":
+        raise ValueError("control.cond_space='latent' encodes the condition with a latent "
+                         "teacher's VAE: it needs model.family='unet2d_condition', got "
+                         f"{config.model.family!r}")
+    if ctl.cond_space == "latent" and ctl.anchor_precision > 0:
+        raise ValueError("the low-frequency anchor reads a pixel-space condition: set "
+                         "control.anchor_precision=0 with control.cond_space='latent'")
     if config.stage == "table1" and config.model.family == "unet2d_condition":
         raise ValueError("stage 'table1' runs pixel-space teachers only; a latent "
                          "(unet2d_condition) teacher runs with stage 'sr'")

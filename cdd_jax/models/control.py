@@ -50,6 +50,10 @@ def control_config() -> ml_collections.ConfigDict:
     c.gate = "conv1x1"  # "scalar": one mu per level (paper eq. 10); "conv1x1": ControlNet-style.
     c.cond_embed_ch = (16, 32)  # Widths of the condition embedder's hidden convs.
     c.cond_channels = 3  # Channels of the condition image (the upsampled low-res input).
+    # Where a latent teacher's condition enters: "pixel" (the paper's: the full-resolution image,
+    # the embedder's stride-2 convs bring it to the latent size) or "latent" (encoded with the
+    # teacher's VAE like the clean image, the embedder at the latent size, no downsampling).
+    c.cond_space = "pixel"
     c.input_gate = True  # Also add a zero-init conv of the embedded condition to the main input.
     # Zero-initialise the embedder's last conv (ControlNet does). False (default): the gates alone
     # keep the network equal to the teacher at init, and every gate receives a condition-dependent
@@ -68,12 +72,14 @@ def control_config() -> ml_collections.ConfigDict:
 
 
 GATES = ("scalar", "conv1x1")
+COND_SPACES = ("pixel", "latent")
 
 
 def validate_control_config(cfg: ml_collections.ConfigDict) -> None:
     """Raises ValueError/TypeError naming the first bad `control` field."""
     checks.check_keys(cfg, control_config(), "control.")
     checks.choice(cfg, "gate", GATES, prefix="control.")
+    checks.choice(cfg, "cond_space", COND_SPACES, prefix="control.")
     checks.positive_ints(cfg, "cond_embed_ch", prefix="control.")
     checks.number(cfg, "cond_channels", 1, integer=True, prefix="control.")
     for key in ("input_gate", "cond_embed_zero_init"):
@@ -209,7 +215,8 @@ class ConditionalUNet(nn.Module):
     anchor_factor: int = 4
     schedule: str = "cosine"  # Noise schedule name; only read by the low-frequency anchor.
     timestep_scale: float = 1.0  # Backbone time input per unit of t (`backbone.timestep_scale`).
-    latent_factor: int = 1  # Condition size over z_t's size (the autoencoder's downsampling).
+    latent_factor: int = 1  # Condition size over z_t's size (the autoencoder's downsampling;
+    # 1 for a condition encoded into the latent space, control.cond_space="latent").
     prompt_tokens: int = 0  # > 0: a "unet2d_condition" backbone reading a fixed prompt embedding.
 
     @classmethod
@@ -221,6 +228,11 @@ class ConditionalUNet(nn.Module):
         condition's size over z_t's; `prompt_tokens`: tokens of the fixed prompt embedding."""
         validate_control_config(control_cfg)
         unet = backbone_from_config(model_cfg, image_size // latent_factor)
+        if control_cfg.cond_space == "latent":
+            if latent_factor == 1 and model_cfg.family != "unet2d_condition":
+                raise ValueError("control.cond_space='latent' encodes the condition with a "
+                                 "latent teacher's VAE; this teacher works in pixel space")
+            latent_factor = 1  # The condition arrives at z_t's size.
         if (model_cfg.family == "unet2d_condition") != (prompt_tokens > 0):
             raise ValueError("a unet2d_condition backbone needs a prompt embedding "
                              "(prompt_tokens > 0) and the other families take none")

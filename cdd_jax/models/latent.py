@@ -50,15 +50,18 @@ class LatentSpace:
         z = jnp.asarray(latents, jnp.float32) / self.vae.scaling_factor
         return self.vae.apply({"params": params["vae"]}, z, method="decode")
 
-    def encoder(self, vae_params: dict, keep_pixels: bool = False):
+    def encoder(self, vae_params: dict, keep_pixels: bool = False, encode_cond: bool = False):
         """A jitted batch -> batch replacing "image" by its latents (`Job.prepare_batch`); the
         VAE parameters are an argument (on the devices), not constants of the program.
-        `keep_pixels`: also keep the clean image as "pixels" (a pixel-space d_x reads it)."""
+        `keep_pixels`: also keep the clean image as "pixels" (a pixel-space d_x reads it);
+        `encode_cond`: replace "cond" by its latents too (control.cond_space="latent")."""
         vae_params = jax.device_put(vae_params)
         encode = jax.jit(lambda p, x: self.encode({"vae": p}, x))
 
         def prepare(batch: dict) -> dict:
             out = {**batch, "image": encode(vae_params, batch["image"])}
+            if encode_cond:
+                out["cond"] = encode(vae_params, batch["cond"])
             if keep_pixels:
                 out["pixels"] = batch["image"]
             return out

@@ -9,6 +9,7 @@ image; samples are decoded through the VAE before any metric."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -48,8 +49,13 @@ def student_sampler(config: ml_collections.ConfigDict, apply_fn: ApplyFn, schedu
     """sample(params, cond, rng, num_steps, renoise) -> images: few-step sampling of the
     student in its own space (pixels, or latents decoded through `space` with `vae_params`)."""
 
+    latent_cond = space is not None and config.control.cond_space == "latent"
+
     def sample(params, cond, rng, num_steps: int, renoise: str):
         shape = None if space is None else space.shape(condition_image(cond).shape)
+        if latent_cond:  # the condition image encoded as in training (prepare_batch)
+            image = space.encode({"vae": vae_params}, condition_image(cond))
+            cond = {**cond, "image": image} if isinstance(cond, Mapping) else image
         x = few_step_sample(apply_fn, params, cond, rng, schedule=schedule, num_steps=num_steps,
                             grid=config.evaluate.grid, renoise=renoise, shape=shape,
                             prediction_type=config.diffusion.prediction_type)
@@ -107,6 +113,9 @@ def distill_job(config: ml_collections.ConfigDict, teacher_params: PyTree, eval_
     size = config.data.crop_size
     cond0 = jnp.zeros((1, size, size, 3))
     z0 = cond0 if space is None else jnp.zeros(space.shape(cond0.shape))
+    latent_cond = space is not None and config.control.cond_space == "latent"
+    if latent_cond:
+        cond0 = z0
 
     def init_fn(rng):
         return model.init({"params": rng}, z0, jnp.zeros((1,)), cond0)["params"]
@@ -147,7 +156,8 @@ def distill_job(config: ml_collections.ConfigDict, teacher_params: PyTree, eval_
         eval_fn=lambda s: {k: float(v) for k, v in student_psnr(s.ema_params).items()},
         make_dataset=lambda pi, pc: build_train_dataset(config.data, task="sr", sr_transform=sr,
                                                         process_index=pi, process_count=pc),
-        prepare_batch=None if space is None else space.encoder(vae_params, pixel_d_x),
+        prepare_batch=None if space is None else space.encoder(vae_params, pixel_d_x,
+                                                                encode_cond=latent_cond),
         frozen_inputs={"vae": vae_params} if pixel_d_x else None,
     )
     return job, apply_fn, schedule

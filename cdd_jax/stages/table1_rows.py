@@ -42,7 +42,7 @@ _IGNORED_FOR_REUSE = (
 )
 # Options added after Table 1 rows were first saved, with the value that is the behaviour of
 # before: a row saved without the key is reused while the option keeps that value.
-ADDED_OPTIONS = {"data.prompts": "none", "data.prompt_dropout": 0.0}
+ADDED_OPTIONS = {"data.prompts": "none", "data.prompt_dropout": 0.0, "control.cond_space": "pixel"}
 # Config sections that only some rows read: another row is reused even if they differ.
 _ROW_ONLY_SECTIONS = {"distill.direct_cm": ("direct_cm",)}
 

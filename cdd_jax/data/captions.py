@@ -127,6 +127,7 @@ class CaptionedFolderSource(ImageFolderSource):
         self.embeds_file = embeds_path(self.path)
         self.embed_shape = embed_shape(self.path)
         self.keys = [image_key(self.path, f) for f in self.files]
+        self._key_of = dict(zip(self.files, self.keys, strict=True))
         have = set(self._open().keys())
         missing = [k for k in self.keys if k not in have]
         if missing:
@@ -150,8 +151,7 @@ class CaptionedFolderSource(ImageFolderSource):
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         file, image = self.load(index)
-        key = image_key(self.path, file)
-        return {"image": image, "prompt_embeds": self._open().get_tensor(key)}
+        return {"image": image, "prompt_embeds": self._open().get_tensor(self._key_of[file])}
 
     def __repr__(self) -> str:
         return (f"CaptionedFolderSource(path={self.path!r}, num_images={len(self.files)}, "

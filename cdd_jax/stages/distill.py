@@ -44,12 +44,17 @@ def conditional_model(config: ml_collections.ConfigDict) -> tuple[ConditionalUNe
     return model, conditional_apply_fn(model)
 
 
+def _latent_condition(config: ml_collections.ConfigDict, space: LatentSpace | None) -> bool:
+    """Whether the condition is VAE-encoded (a latent teacher with control.cond_space=latent)."""
+    return space is not None and config.control.cond_space == "latent"
+
+
 def student_sampler(config: ml_collections.ConfigDict, apply_fn: ApplyFn, schedule: Schedule,
                     space: LatentSpace | None = None, vae_params: PyTree = None):
     """sample(params, cond, rng, num_steps, renoise) -> images: few-step sampling of the
     student in its own space (pixels, or latents decoded through `space` with `vae_params`)."""
 
-    latent_cond = space is not None and config.control.cond_space == "latent"
+    latent_cond = _latent_condition(config, space)
 
     def sample(params, cond, rng, num_steps: int, renoise: str):
         shape = None if space is None else space.shape(condition_image(cond).shape)
@@ -113,7 +118,7 @@ def distill_job(config: ml_collections.ConfigDict, teacher_params: PyTree, eval_
     size = config.data.crop_size
     cond0 = jnp.zeros((1, size, size, 3))
     z0 = cond0 if space is None else jnp.zeros(space.shape(cond0.shape))
-    latent_cond = space is not None and config.control.cond_space == "latent"
+    latent_cond = _latent_condition(config, space)
     if latent_cond:
         cond0 = z0
 

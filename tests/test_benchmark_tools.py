@@ -191,3 +191,53 @@ def test_sd_benchmark_config_is_sd15s_block_structure_resolved_against_its_folde
     assert bc.gpu_only_reason("sd_small", None) is None
     with pytest.raises(ValueError, match="unknown sd variant"):
         bc.sd_bench_config("sd21")
+
+
+def _write_run(path, values):
+    """A per-image CSV like the jobs' photos_<split>_per_image.csv: {(sampler, K, metric): [v]}."""
+    lines = ["image,method,sampler,steps,metric,value"]
+    for (sampler, k, metric), vals in values.items():
+        lines += [f"crop{i},codi,{sampler},{k},{metric},{v!r}" for i, v in enumerate(vals)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_ablation_report_pairs_by_crop_and_applies_the_rule(tmp_path):
+    """benchmarks/ablate_default_report.py: differences are paired by crop (a shift common to
+    every crop has zero spread), the interval is the t-interval of the per-crop differences, and
+    a deviation is kept exactly when removing it raises the exported sampler's mean LPIPS."""
+    from benchmarks.ablate_default_report import compare, read_per_image
+
+    base_lp = [0.50, 0.40, 0.60, 0.45]
+    rows = [("fresh-uniform", 4), ("ddim-uniform", 4), ("ddim-uniform", 1)]
+
+    def run(lpips_shift, psnr):
+        v = {}
+        for s, k in rows:
+            v[(s, k, "lpips_alex")] = [x + lpips_shift + (0.02 if s == "ddim-uniform" else 0)
+                                       for x in base_lp]
+            v[(s, k, "psnr_y")] = psnr
+            v[(s, k, "ssim_y")] = [0.5] * 4
+        return v
+
+    _write_run(tmp_path / "base.per_image.csv", run(0.0, [20.0, 21.0, 22.0, 23.0]))
+    _write_run(tmp_path / "no_anchor.per_image.csv", run(0.03, [20.0, 21.0, 22.0, 23.0]))
+    _write_run(tmp_path / "lambda1.per_image.csv", run(-0.01, [21.0, 21.0, 21.0, 25.0]))
+    runs = {n: read_per_image(str(tmp_path / f"{n}.per_image.csv"))
+            for n in ("base", "no_anchor", "lambda1")}
+    res = compare(runs, "base")
+    assert res["ablations"]["no_anchor"]["keep"] is True
+    assert res["ablations"]["lambda1"]["keep"] is False
+    lp = next(r for r in res["ablations"]["no_anchor"]["rows"]
+              if r["sampler"] == "fresh-uniform" and r["metric"] == "lpips_alex")
+    assert lp["diff"] == pytest.approx(0.03) and lp["half_width"] == pytest.approx(0.0, abs=1e-12)
+    ps = next(r for r in res["ablations"]["lambda1"]["rows"]
+              if r["sampler"] == "fresh-uniform" and r["metric"] == "psnr_y")
+    d = [1.0, 0.0, -1.0, 2.0]  # per-crop differences; sd = sqrt(5/3), t(0.975, 3) = 3.182446
+    assert ps["diff"] == pytest.approx(0.5)
+    assert ps["half_width"] == pytest.approx(3.182446 * (5 / 3) ** 0.5 / 2, rel=1e-5)
+    assert sum(d) / 4 == ps["diff"]
+    assert res["sampler"]["lpips_alex"]["diff"] == pytest.approx(0.02)  # ddim - fresh
+    assert res["sampler"]["keep_fresh"] is True
+    runs["bad"] = {k: dict(list(v.items())[:3]) for k, v in runs["lambda1"].items()}
+    with pytest.raises(ValueError, match="different images"):
+        compare({"base": runs["base"], "no_anchor": runs["bad"]}, "base")

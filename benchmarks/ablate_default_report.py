@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 from collections import defaultdict
@@ -30,6 +29,7 @@ from collections import defaultdict
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import write_results  # noqa: E402
 from cdd_jax.evaluate.seeds import t_interval  # noqa: E402
 
 STORE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ablate_default")
@@ -135,11 +135,8 @@ def main() -> None:
     if args.base not in runs:
         raise SystemExit(f"no {args.base}.per_image.csv in {args.store}")
     result = compare(runs, args.base)
-    with open(os.path.join(args.store, "report.json"), "w") as f:
-        json.dump(result, f, indent=1)
     text = markdown(result)
-    with open(os.path.join(args.store, "report.md"), "w") as f:
-        f.write(text)
+    write_results("report", result, text, out_dir=args.store)
     print(text)
 
 

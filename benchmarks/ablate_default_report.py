@@ -66,7 +66,7 @@ def compare(runs: dict[str, dict], base: str) -> dict:
     """Per ablation and shown sampler row: the baseline's mean, the ablation's, the paired
     difference per metric; the verdict on the deciding number."""
     b = runs[base]
-    result: dict = {"base": base, "rule": __doc__.split("The rule")[1].split("\n\n")[0].strip(),
+    result: dict = {"base": base, "rule": __doc__.split("The rule, ")[1].split("\n\n")[0].strip(),
                     "ablations": {}, "sampler": {}}
     for name, what in ABLATIONS.items():
         if name not in runs:

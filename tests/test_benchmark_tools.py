@@ -241,3 +241,26 @@ def test_ablation_report_pairs_by_crop_and_applies_the_rule(tmp_path):
     runs["bad"] = {k: dict(list(v.items())[:3]) for k, v in runs["lambda1"].items()}
     with pytest.raises(ValueError, match="different images"):
         compare({"base": runs["base"], "no_anchor": runs["bad"]}, "base")
+
+
+def test_sr_default_test_pairs_every_student_row_with_bicubic(tmp_path):
+    """benchmarks/sr_default_test.py: each student row minus bicubic, crop by crop, for every
+    metric; bicubic itself is not a row."""
+    from benchmarks.ablate_default_report import read_per_image
+    from benchmarks.sr_default_test import against_bicubic
+
+    lines = ["image,method,sampler,steps,metric,value"]
+    bic = {"lpips_alex": [0.7, 0.8, 0.6], "psnr_y": [22.0, 20.0, 24.0], "ssim_y": [0.5] * 3}
+    stu = {"lpips_alex": [0.5, 0.7, 0.5], "psnr_y": [23.0, 20.0, 24.5], "ssim_y": [0.6] * 3}
+    for m in bic:
+        lines += [f"c{i},bicubic,none,0,{m},{v!r}" for i, v in enumerate(bic[m])]
+        lines += [f"c{i},codi,fresh-uniform,4,{m},{v!r}" for i, v in enumerate(stu[m])]
+    (tmp_path / "p.csv").write_text("\n".join(lines) + "\n")
+    rows = against_bicubic(read_per_image(str(tmp_path / "p.csv")))
+    assert {(r["sampler"], r["steps"]) for r in rows} == {("fresh-uniform", 4)}
+    by = {r["metric"]: r for r in rows}
+    assert by["lpips_alex"]["diff"] == pytest.approx(-0.4 / 3)
+    assert by["psnr_y"]["diff"] == pytest.approx(0.5)
+    assert by["psnr_y"]["bicubic"] == pytest.approx(22.0)
+    assert by["ssim_y"]["half_width"] == pytest.approx(0.0, abs=1e-12)
+    assert by["ssim_y"]["n_images"] == 3

@@ -8,8 +8,8 @@ the Upscaler's tiled path), aggregated in DIR/table1_photos_<split>.json and tab
 paper's claims are checked on `table1.claims_split` (default "test").
 
     python -m cdd_jax.main --config=configs/table1.py --workdir=/tmp/table1
-Variants: default (bundled photos, shipped teacher, three seeds: roughly 1 hour per seed on 2
-quiet CPU cores, plus the Direct CM row), tiny (tests, one seed).
+Variants: default (bundled photos, shipped teacher, three seeds: about 2.5 hours per seed on 2
+CPU cores, half of it the Direct CM row), tiny (tests, one seed).
 Running the command again resumes: finished rows of each seed are skipped, partial ones resume;
 finished rows without photo results get them from their final checkpoints (never retrained).
 """

@@ -202,22 +202,22 @@ def table1_config(variant: str = "default") -> ml_collections.ConfigDict:
     paper's network without the low-frequency anchor (`_distillation`); the input gate, a
     deviation (BUILD_NOTES.md section 2), stays on as in every preset.
 
-    The default takes about 1 hour per seed on 2 quiet CPU cores without the Direct CM row, so
-    ~3-4 hours for its three seeds (see `cdd_jax.stages.table1`; a run continues across
-    restarts); "tiny" runs the whole table, one seed, in a test.
+    The default takes about 2.5 hours per seed on 2 CPU cores, half of it the Direct CM row, so
+    ~7.5 hours for its three seeds (measured: BUILD_NOTES.md section 15; a run continues across
+    restarts, and seeds can run side by side in separate workdirs); "tiny" runs the whole table,
+    one seed, in a test.
     """
     c = _distillation(variant)
     c.stage = "table1"
     c.mesh.num_cpu_devices = 0  # One CPU device (bit-for-bit reruns).
     c.table1 = table1_section()
     if variant == "default":
-        # Per trained row and seed (GD: split over its runs). Estimated ~55 min of training per
-        # seed for the rows before Direct CM on 2 quiet CPU cores (docs/RESULTS.md): step cost
-        # relative to pretraining (~0.57 s) from the compiled FLOPs: finetune 1.34x, PE-CoDi
-        # 1.46x, CoDi 1.78x, CM 2.23x, GD 2.23x (distillation-first: its unconditional rounds are
-        # cheaper, no control encoder); plus compilation and the 200-step DDIM evaluation. The
-        # Direct CM row adds distill.direct_cm.num_teacher_steps = 32 forward passes of the
-        # fine-tuned model to each step, so it alone may take as long again.
+        # Per trained row and seed (GD: split over its runs). Measured on 2 CPU cores (BUILD_NOTES
+        # section 15, session 13-14): finetune 8 min + 16 min of evaluation (the 200-step DDIM),
+        # cm 11 min, pe_codi 10 min, gd 15 min and codi 20 min with evaluation (beside another
+        # job), and direct_cm 77 min
+        # (distill.direct_cm.num_teacher_steps = 32 forward passes of the fine-tuned model per
+        # step, on ~1.2 cores).
         c.train.num_steps = 500
         c.train.eval_every = 250
         c.train.ckpt_every = 100

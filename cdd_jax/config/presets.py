@@ -215,9 +215,8 @@ def table1_config(variant: str = "default") -> ml_collections.ConfigDict:
         # Per trained row and seed (GD: split over its runs). Measured on 2 CPU cores (BUILD_NOTES
         # section 15, session 13-14): finetune 8 min + 16 min of evaluation (the 200-step DDIM),
         # cm 11 min, pe_codi 10 min, gd 15 min and codi 20 min with evaluation (beside another
-        # job), and direct_cm 77 min
-        # (distill.direct_cm.num_teacher_steps = 32 forward passes of the fine-tuned model per
-        # step, on ~1.2 cores).
+        # job), and direct_cm 77 min (distill.direct_cm.num_teacher_steps = 32 forward passes of
+        # the fine-tuned model per step, on ~1.2 cores).
         c.train.num_steps = 500
         c.train.eval_every = 250
         c.train.ckpt_every = 100

@@ -737,6 +737,7 @@ def test_rows_without_photo_results_are_evaluated_from_their_checkpoints_not_ret
     md = open(os.path.join(workdir, "table1.md")).read()
     assert "On the validation photos (x4; bundled validation photos" in md
     assert "checked on the validation photos (for choosing settings" in md
+    assert os.path.getsize(os.path.join(workdir, "table1_quality_vs_nfe_validation.png")) > 0
     # Nothing missing: nothing loaded or evaluated again.
     loaded.clear()
     table1.run_table1(cfg, workdir)

@@ -86,6 +86,8 @@ def image_grid(
 _YLABELS = {
     "psnr": "PSNR (dB), higher is better",
     "ssim": "SSIM, higher is better",
+    "psnr_y": "Y-PSNR (dB), higher is better",
+    "ssim_y": "SSIM on Y, higher is better",
     "lpips_alex": "LPIPS-Alex, lower is better",
     "lpips_vgg": "LPIPS-VGG, lower is better",
 }

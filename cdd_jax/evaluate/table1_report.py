@@ -227,7 +227,8 @@ def write_report(
     """table1.json (rows aggregated over seeds, `aggregate_seeds`) / .md, table1_per_seed.json
     (when `per_seed` is given), table1_photos_<split>.json (the photo rows of each split of
     `photos_per_seed` aggregated the same way, and per seed), the quality-versus-NFE plot (seed
-    means) and the image grid (`predictions`: the first seed's); returns their paths."""
+    means; another of the `table1.claims_split` photos when they were evaluated) and the image
+    grid (`predictions`: the first seed's); returns their paths."""
     n = min(
         [config.evaluate.num_grid_images, eval_set["image"].shape[0]]
         + [p.shape[0] for p in predictions.values()]
@@ -265,6 +266,17 @@ def write_report(
             os.path.join(workdir, "table1_quality_vs_nfe.png"),
             metrics,
             title="Quality against network evaluations",
+        )
+    split = tab.claims_split
+    photo_metrics = [m for m in ("lpips_alex", "psnr_y")
+                     if any(r["metric"] == m for r in photos.get(split, ()))]
+    if photo_metrics:  # the same plot on the photos the claims are checked on
+        out[f"plot_{split}"] = plot_quality_vs_nfe(
+            photos[split],
+            os.path.join(workdir, f"table1_quality_vs_nfe_{split}.png"),
+            photo_metrics,
+            title=f"Quality against network evaluations: {split} photos "
+                  f"({config.evaluate.photos.size} px crops)",
         )
     columns = {"LQ input": eval_set["lq"][:n]}
     seen = []

@@ -35,7 +35,8 @@ for part in ${PARTS[@]}; do [[ "$part" == seed* ]] && AGGREGATES=0; done
 harvest() {
   seed_rows "$WORKDIR" "$STORE"
   [ "$AGGREGATES" = 1 ] || return 0
-  for f in table1.md table1.json table1_per_seed.json table1_photos_validation.json table1_photos_test.json; do
+  for f in table1.md table1.json table1_per_seed.json table1_photos_validation.json table1_photos_test.json \
+           table1_quality_vs_nfe.png table1_quality_vs_nfe_test.png table1_grid.png; do
     [ -f "$WORKDIR/$f" ] && cp "$WORKDIR/$f" "$STORE/$f"
   done
   return 0

@@ -264,3 +264,32 @@ def test_sr_default_test_pairs_every_student_row_with_bicubic(tmp_path):
     assert by["psnr_y"]["bicubic"] == pytest.approx(22.0)
     assert by["ssim_y"]["half_width"] == pytest.approx(0.0, abs=1e-12)
     assert by["ssim_y"]["n_images"] == 3
+
+
+def test_results_doc_quotes_the_stored_table1_report():
+    """docs/RESULTS.md's marked tables are the stored report's (benchmarks/table1_doc.py): a
+    re-run whose numbers were not carried into the doc fails here."""
+    from benchmarks.table1_doc import main
+
+    assert main(["--check"]) == 0
+
+
+def test_table1_doc_replaces_marked_blocks_only():
+    from benchmarks.table1_doc import render
+
+    report = "\n".join([
+        "# Table 1", "", "| a | b |", "|---|---|", "| crop | 1.0 |", "",
+        "Seeds: 3 (0, 1, 2), each ...", "",
+        "On the validation photos (x4):", "", "| a | b |", "|---|---|", "| val | 2.0 |", "",
+        "On the test photos (x4):", "", "| a | b |", "|---|---|", "| test | 3.0 |", "",
+        "The paper's claims on this run (seed means):", "- claim one", "- claim two", "",
+        "Paper Table 1 (...):", "", "| p | q |", "|---|---|", "| CoDi | 0.2656 |", ""])
+    doc = ("intro 9.9\n<!-- table1:test -->\n| old | 0.0 |\n<!-- /table1:test -->\nmiddle\n"
+           "<!-- table1:claims -->\n<!-- /table1:claims -->\n")
+    out = render(doc, report)
+    assert out == ("intro 9.9\n<!-- table1:test -->\n| a | b |\n|---|---|\n| test | 3.0 |\n"
+                   "<!-- /table1:test -->\nmiddle\n<!-- table1:claims -->\n- claim one\n"
+                   "- claim two\n<!-- /table1:claims -->\n")
+    assert render(out, report) == out
+    with pytest.raises(ValueError, match="unknown blocks"):
+        render("<!-- table1:tset -->\n<!-- /table1:tset -->\n", report)

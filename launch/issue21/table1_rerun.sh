@@ -31,7 +31,7 @@ seed_rows() {  # copy finished rows (eval.json + predictions) from $1 to $2
   done
 }
 AGGREGATES=1
-for part in ${PARTS[@]}; do [[ "$part" == seed* ]] && AGGREGATES=0; done
+for part in ${PARTS[@]}; do case "$part" in seed*) AGGREGATES=0 ;; esac; done
 harvest() {
   seed_rows "$WORKDIR" "$STORE"
   [ "$AGGREGATES" = 1 ] || return 0

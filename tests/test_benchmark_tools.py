@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from benchmarks.profile_step import op_category, per_step_categories
@@ -293,3 +295,53 @@ def test_table1_doc_replaces_marked_blocks_only():
     assert render(out, report) == out
     with pytest.raises(ValueError, match="unknown blocks"):
         render("<!-- table1:tset -->\n<!-- /table1:tset -->\n", report)
+
+
+def _budget_row(seed_dir, row, steps, values):
+    """A Table 1 row's eval.json holding test-photo values {(method, sampler, k): {m: [..]}}."""
+    per_image = [{"image": f"p{i}", "method": key[0], "sampler": key[1], "steps": key[2],
+                  "metric": m, "value": v}
+                 for key, metrics in values.items() for m, vals in metrics.items()
+                 for i, v in enumerate(vals)]
+    d = seed_dir / row
+    d.mkdir(parents=True)
+    (d / "eval.json").write_text(json.dumps({"rows": [], "settings": {"train.num_steps": steps},
+                                             "photos": {"test": {"per_image": per_image}}}))
+
+
+def test_table1_budget_pairs_by_photo_and_flags_order_changes(tmp_path):
+    """benchmarks/table1_budget.py: each row's change with the budget is paired by photo, and a
+    CoDi-vs-fine-tuned comparison is flagged exactly when the sign of its mean flips (LPIPS lower
+    is better, Y-PSNR higher)."""
+    from benchmarks.table1_budget import CODI, OTHERS, compare, read_seed
+
+    flat = {"ssim_y": [0.5, 0.5, 0.5]}
+
+    def rows(codi_lp, ft_lp, codi_psnr):
+        ft = {k: {"lpips_alex": ft_lp, "psnr_y": [20.0, 21.0, 22.0], **flat} for k in OTHERS}
+        co = {k: {"lpips_alex": codi_lp, "psnr_y": codi_psnr, **flat} for k in CODI}
+        return ft, co
+
+    for name, steps, (ft, co) in (
+        ("short", 500, rows([0.7, 0.8, 0.9], [0.6, 0.7, 0.8], [21.0, 22.0, 23.0])),
+        ("long", 1000, rows([0.5, 0.7, 0.6], [0.6, 0.7, 0.8], [21.0, 22.0, 23.0])),
+    ):
+        _budget_row(tmp_path / name / "seed1", "finetune", steps, ft)
+        _budget_row(tmp_path / name / "seed1", "codi", steps, co)
+    short, s_steps = read_seed(str(tmp_path / "short" / "seed1"), "test")
+    long, l_steps = read_seed(str(tmp_path / "long" / "seed1"), "test")
+    assert (s_steps, l_steps) == (500, 1000)
+    res = compare(short, long)
+    change = next(r for r in res["changes"] if r["row"] == "CoDi-4" and r["metric"] == "lpips_alex")
+    assert change["diff"] == pytest.approx(-0.2) and change["short"] == pytest.approx(0.8)
+    # per-photo changes -0.2, -0.1, -0.3: sd 0.1, t(0.975, 2) = 4.302653
+    assert change["half_width"] == pytest.approx(4.302653 * 0.1 / 3 ** 0.5, rel=1e-5)
+    lp = [r for r in res["versus"] if r["metric"] == "lpips_alex"]
+    assert lp and all(r["order_changed"] and not r["codi_better_short"] and r["codi_better_long"]
+                      for r in lp)  # +0.1 behind -> -0.1 ahead
+    ps = [r for r in res["versus"] if r["metric"] == "psnr_y"]
+    assert all(r["codi_better_short"] and not r["order_changed"] for r in ps)  # +1 dB both times
+    (tmp_path / "long" / "seed1" / "codi" / "eval.json").write_text(json.dumps(
+        {"settings": {"train.num_steps": 1000}, "photos": {}}))
+    with pytest.raises(ValueError, match="no 'test' photo results"):
+        read_seed(str(tmp_path / "long" / "seed1"), "test")

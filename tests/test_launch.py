@@ -12,7 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-SHELL_SCRIPTS = ["slurm.sbatch", "tpu_pod.sh", "make_teacher.sh", "make_student.sh"]
+SHELL_SCRIPTS = ["slurm.sbatch", "tpu_pod.sh", "make_teacher.sh", "make_student.sh",
+                 "issue21/table1_rerun.sh", "issue21/ablate_default.sh", "issue21/table1_budget.sh"]
 
 # Parses each argv with cdd_jax.main's real flags, in a fresh process whose cwd is the repo root (so
 # relative config paths resolve as they would in a launched job). ml_collections reads config

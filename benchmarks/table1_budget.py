@@ -145,7 +145,9 @@ def markdown(result: dict) -> str:
     flips = [r for r in result["versus"] if r["order_changed"]]
     lines += ["", f"Order changes: {len(flips)} of {len(result['versus'])} comparisons."]
     for r in flips:
-        lines.append(f"- {r['codi']} vs {r['other']} on {names[r['metric']]}.")
+        inside = all(abs(r[b]["diff"]) <= r[b]["half_width"] for b in ("short", "long"))
+        lines.append(f"- {r['codi']} vs {r['other']} on {names[r['metric']]}"
+                     + (": inside both intervals." if inside else "."))
     return "\n".join(lines)
 
 
@@ -183,7 +185,8 @@ def main() -> None:
                          f"({s_steps} steps)")
     store_long(args.long, seed_name)
     result = {"seed": int(seed_name[4:]), "split": args.split, "short_steps": s_steps,
-              "long_steps": l_steps, "short": short_dir,
+              "long_steps": l_steps,
+              "short": os.path.relpath(short_dir, os.path.dirname(os.path.dirname(RESULTS))),
               "n_images": len(next(iter(long.values()))), **compare(short, long)}
     write_results("report", result, markdown(result), out_dir=STORE)
     print(markdown(result))

@@ -7,8 +7,8 @@
 #    (`train.num_steps=STEPS`: the cosine schedule of STEPS steps, so a warm restart at step 500).
 # 3. benchmarks/table1_budget.py compares the two budgets on the test photos and stores the long
 #    rows' eval.json and the report under benchmarks/results/table1_budget/.
-# Cost on the 2-core box, beside two other runs: see benchmarks/results/table1_budget/report.md
-# and BUILD_NOTES.md section 15. Re-running resumes (finished rows are skipped).
+# Cost (seed 1, 500 -> 1000 steps, beside two direct_cm runs on the 2-core box): 66 min, of
+#   which the fine-tuned model's evaluation (its 200-step DDIM) took half. Re-running resumes.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 WORKDIR="${1:?usage: table1_budget.sh WORKDIR [SEED] [STEPS]}"

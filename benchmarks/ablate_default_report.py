@@ -43,14 +43,20 @@ DECIDING = ("codi", "fresh-uniform", 4, "lpips_alex")
 SHOWN = (("codi", "fresh-uniform", 4), ("codi", "ddim-uniform", 4), ("codi", "ddim-uniform", 1))
 
 
+def group_per_image(records) -> dict[tuple, dict[str, float]]:
+    """{(method, sampler, steps, metric): {image: value}} of per-image records (dicts with those
+    keys, as in a per-image CSV or a photo result's `per_image` list)."""
+    out: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for r in records:
+        out[(r["method"], r["sampler"], int(r["steps"]), r["metric"])][r["image"]] = float(
+            r["value"])
+    return out
+
+
 def read_per_image(path: str) -> dict[tuple, dict[str, float]]:
     """{(method, sampler, steps, metric): {image: value}} of one run's per-image CSV."""
-    out: dict[tuple, dict[str, float]] = defaultdict(dict)
     with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            out[(r["method"], r["sampler"], int(r["steps"]), r["metric"])][r["image"]] = float(
-                r["value"])
-    return out
+        return group_per_image(csv.DictReader(f))
 
 
 def paired(a: dict[str, float], b: dict[str, float]) -> dict:

@@ -29,12 +29,11 @@ import json
 import os
 import shutil
 import sys
-from collections import defaultdict
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.ablate_default_report import METRICS, paired  # noqa: E402
+from benchmarks.ablate_default_report import METRICS, group_per_image, paired  # noqa: E402
 from benchmarks.common import write_results  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -60,10 +59,7 @@ def read_row(seed_dir: str, row: str, split: str) -> tuple[dict[tuple, dict[str,
     photos = saved.get("photos", {}).get(split)
     if not photos:
         raise ValueError(f"{path} has no {split!r} photo results")
-    out: dict[tuple, dict[str, float]] = defaultdict(dict)
-    for r in photos["per_image"]:
-        out[(r["method"], r["sampler"], int(r["steps"]), r["metric"])][r["image"]] = r["value"]
-    return out, int(saved["settings"]["train.num_steps"])
+    return group_per_image(photos["per_image"]), int(saved["settings"]["train.num_steps"])
 
 
 def read_seed(seed_dir: str, split: str) -> tuple[dict[tuple, dict[str, float]], int]:
